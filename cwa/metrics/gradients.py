@@ -1,0 +1,140 @@
+"""First-order metrics: ``grad_x_weight`` and ``grad_squared`` (empirical Fisher diagonal).
+
+``grad_x_weight`` = |w * dL/dw| with L the calibration loss (see :mod:`cwa.metrics.base`).
+Each batch's summed NLL is divided by N, the number of target tokens in the whole set, before
+``backward``; ``.grad`` therefore accumulates exactly dL/dw across batches, whatever the batch
+sizes and padding. Only selected parameters require grad during the pass.
+
+``grad_squared`` is the empirical Fisher diagonal: the mean over *examples* of the squared
+per-example gradient, never the square of a summed gradient. An example is one calibration
+sequence by default (``micro_batch_size=1``); its loss is the mean NLL over that sequence's
+non-padding target tokens. Each example gets its own forward and backward pass (batch size 1),
+which keeps memory at one gradient plus one accumulator; with ``micro_batch_size=m`` an example
+is a micro-batch of m consecutive sequences of a batch (faster, coarser; stated in the config).
+Sequences without any target token are skipped and not counted.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import torch
+
+from cwa.errors import InvalidInput
+from cwa.metrics.base import (
+    MetricSpec,
+    ScoringContext,
+    check_finite_loss,
+    count_targets,
+    gradients_only_for,
+    token_nll,
+)
+
+LOSS_DEFINITION = "mean next-token NLL over all non-padding target tokens of the calibration set"
+
+
+def _grad_x_weight(ctx: ScoringContext) -> Iterator[tuple[str, torch.Tensor]]:
+    assert ctx.batches is not None
+    n_targets, n_sequences = count_targets(ctx.batches)
+    names = list(ctx.selected)
+    params = [ctx.parameters[n] for n in names]
+    device = ctx.device
+    ctx.config.update(
+        definition="|w * dL/dw|",
+        loss=LOSS_DEFINITION,
+        accumulation="backward of (batch NLL sum / N) accumulated in .grad (exact full-set mean)",
+    )
+    total = torch.zeros((), dtype=torch.float64)
+    with gradients_only_for(ctx.model, params):
+        handle = ctx.reporter.task("grad_x_weight: batches", len(ctx.batches))
+        try:
+            for index, batch in enumerate(ctx.batches):
+                nll, _ = token_nll(ctx.model, batch, device)
+                batch_sum = nll.sum()
+                check_finite_loss(batch_sum.detach(), f"batch {index}")
+                (batch_sum / n_targets).backward()
+                total += batch_sum.detach().double().cpu()
+                handle.advance()
+        finally:
+            handle.close()
+        ctx.loss, ctx.n_tokens, ctx.n_sequences = float(total / n_targets), n_targets, n_sequences
+        for name, param in zip(names, params):
+            grad = param.grad
+            if grad is None:  # parameter not reached by the loss
+                score = torch.zeros(param.shape, dtype=torch.float32, device=param.device)
+            else:
+                score = (param.detach().float() * grad.float()).abs_()
+            param.grad = None  # free this gradient before the next score is built
+            yield name, score
+
+
+def _grad_squared(ctx: ScoringContext) -> Iterator[tuple[str, torch.Tensor]]:
+    assert ctx.batches is not None
+    micro = int(ctx.options["micro_batch_size"])
+    if micro < 1:
+        raise InvalidInput("grad_squared micro_batch_size must be >= 1")
+    n_targets, n_sequences = count_targets(ctx.batches)
+    names = list(ctx.selected)
+    params = [ctx.parameters[n] for n in names]
+    device = ctx.device
+    ctx.config.update(
+        definition="mean over examples of (d loss_example / dw)^2",
+        example="sequence" if micro == 1 else f"micro-batch of {micro} sequences",
+        example_loss="mean NLL over the example's non-padding target tokens",
+        micro_batch_size=micro,
+    )
+    sums: list[torch.Tensor | None] = [None] * len(params)
+    total = torch.zeros((), dtype=torch.float64)
+    n_examples = 0
+    with gradients_only_for(ctx.model, params):
+        handle = ctx.reporter.task("grad_squared: examples", n_sequences)
+        try:
+            for batch_index, batch in enumerate(ctx.batches):
+                rows = batch["input_ids"].shape[0]
+                for start in range(0, rows, micro):
+                    example = {key: value[start : start + micro] for key, value in batch.items()}
+                    nll, mask = token_nll(ctx.model, example, device)
+                    count = int(mask.sum())
+                    if count == 0:
+                        continue
+                    example_sum = nll.sum()
+                    check_finite_loss(example_sum.detach(), f"batch {batch_index}, row {start}")
+                    total += example_sum.detach().double().cpu()
+                    grads = torch.autograd.grad(example_sum / count, params, allow_unused=True)
+                    for i, grad in enumerate(grads):
+                        if grad is None:
+                            continue
+                        grad = grad.float()
+                        if sums[i] is None:
+                            sums[i] = grad.square()
+                        else:
+                            sums[i].addcmul_(grad, grad)
+                    del grads
+                    n_examples += 1
+                    handle.advance(int((mask.sum(dim=1) > 0).sum()))
+        finally:
+            handle.close()
+    ctx.loss, ctx.n_tokens, ctx.n_sequences = float(total / n_targets), n_targets, n_sequences
+    ctx.config["n_examples"] = n_examples
+    for i, (name, param) in enumerate(zip(names, params)):
+        accumulated, sums[i] = sums[i], None
+        if accumulated is None:
+            yield name, torch.zeros(param.shape, dtype=torch.float32, device=param.device)
+        else:
+            yield name, accumulated.div_(n_examples)
+
+
+GRAD_X_WEIGHT = MetricSpec(
+    name="grad_x_weight",
+    version="1",
+    description="|w * dL/dw|, L = mean next-token NLL over all calibration tokens",
+    compute=_grad_x_weight,
+)
+
+GRAD_SQUARED = MetricSpec(
+    name="grad_squared",
+    version="1",
+    description="empirical Fisher diagonal: mean over sequences of squared per-sequence gradients",
+    compute=_grad_squared,
+    options={"micro_batch_size": 1},
+)

@@ -1,0 +1,388 @@
+"""Selections: which weights a perturbation touches, with exact counts.
+
+A :class:`Selection` is a ``dict`` from parameter name to a sorted, duplicate-free int64 tensor
+of flat (row-major) indices into that parameter, plus ``kind`` and ``info`` recording how it was
+made (for the run's config). Builders:
+
+``top_k``
+    the first ``k`` rows of a ranking (parameter name, flat index) — the treatment.
+``random_k``
+    ``k`` weights uniformly without replacement from a scope, seeded. Done in the scope's global
+    numbering (entries in order, in-scope elements in flat order) by drawing batches of uniform
+    indices and discarding repeats, so it never builds a permutation of the scope: sampling from
+    a 7B-weight scope costs O(k). When ``k`` exceeds half of the eligible weights a seeded
+    permutation of the eligible positions is cheaper and is used instead. **Overlap with the
+    treatment:** by default allowed (a uniform control is independent of the ranking, and at
+    typical k the expected overlap ``k**2 / N`` is a handful of weights); pass ``exclude=`` the
+    treatment to draw from the scope minus the treatment. ``info["overlap"]`` records the choice.
+``bottom_k``
+    the ``k`` in-scope weights with the smallest scores, streamed tensor by tensor (per-tensor
+    ``kthvalue`` then a merge of at most ``2k`` candidates: never a concatenation of all scores).
+    Ties are broken by scope order, then flat index, so the result is deterministic. **Exact-zero
+    scores are excluded by default**: a zero score means the weight is zero or received no
+    gradient from the calibration data (e.g. embedding rows of tokens that never occur), i.e. no
+    evidence, not evidence of insensitivity; including them would make ``bottom_k`` the first k
+    unexercised entries in scope order. ``zeros="include"`` ranks them as the least sensitive.
+    Negative scores are refused unless ``absolute=True`` (rank by ``|score|``).
+``all_k``
+    every weight in the scope: an upper bound on damage (memory: 8 bytes of index and one
+    saved original per weight, so use it on targeted scopes, not on a whole 7B model).
+
+Every builder except ``all_k`` returns exactly ``k`` weights, or raises.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any, Literal
+
+import numpy as np
+import torch
+
+from cwa.errors import InvalidInput, NonFiniteError
+from cwa.perturbation.scope import ScopeEntry, check_scope, scope_size
+
+# Largest batch of candidate indices drawn at once by random_k (bounds its temporaries).
+_MAX_DRAW = 1 << 22
+# Flat indices are packed with their scope position into one int64 sort key (entry << 40 | flat).
+_FLAT_BITS = 40
+
+
+class Selection(dict[str, torch.Tensor]):
+    """Parameter name -> sorted unique int64 flat indices, with a record of how it was made."""
+
+    def __init__(
+        self,
+        indices: Mapping[str, torch.Tensor] | None = None,
+        *,
+        kind: str = "custom",
+        info: Mapping[str, Any] | None = None,
+    ) -> None:
+        super().__init__(indices or {})
+        self.kind = kind
+        self.info: dict[str, Any] = dict(info or {})
+
+    @property
+    def k(self) -> int:
+        """Number of selected weights."""
+        return sum(int(idx.numel()) for idx in self.values())
+
+    def record(self) -> dict[str, Any]:
+        """JSON-able description: kind, k, per-tensor counts and the builder's choices."""
+        return {
+            "selection": self.kind,
+            "k": self.k,
+            "per_tensor": {name: int(idx.numel()) for name, idx in self.items()},
+            **self.info,
+        }
+
+
+def _group_by_entry(
+    entries: Sequence[ScopeEntry], entry_ids: torch.Tensor, flats: torch.Tensor
+) -> dict[str, torch.Tensor]:
+    """Split (entry id, flat index) pairs sorted by entry id into sorted per-name tensors."""
+    result: dict[str, torch.Tensor] = {}
+    if entry_ids.numel() == 0:
+        return result
+    ids, counts = torch.unique_consecutive(entry_ids, return_counts=True)
+    for entry_id, part in zip(ids.tolist(), torch.split(flats, counts.tolist()), strict=True):
+        result[entries[entry_id].name] = torch.sort(part).values
+    return result
+
+
+def _in_scope_exclusions(
+    entries: Sequence[ScopeEntry], exclude: Mapping[str, torch.Tensor] | None
+) -> dict[int, torch.Tensor]:
+    """Entry id -> sorted unique in-scope flat indices that must not be drawn."""
+    excluded: dict[int, torch.Tensor] = {}
+    if not exclude:
+        return excluded
+    position = {entry.name: i for i, entry in enumerate(entries)}
+    for name, idx in exclude.items():
+        if name not in position or idx.numel() == 0:
+            continue
+        entry_id = position[name]
+        idx = torch.unique(torch.as_tensor(idx, dtype=torch.int64).reshape(-1).cpu())
+        idx = idx[entries[entry_id].contains(idx)]
+        if idx.numel():
+            excluded[entry_id] = idx
+    return excluded
+
+
+def _is_member(sorted_values: torch.Tensor, queries: torch.Tensor) -> torch.Tensor:
+    pos = torch.searchsorted(sorted_values, queries).clamp(max=sorted_values.numel() - 1)
+    return sorted_values[pos] == queries
+
+
+def _global_to_flat(
+    entries: Sequence[ScopeEntry], ends: torch.Tensor, positions: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Map sorted global scope positions to (entry id, flat index) pairs (still sorted)."""
+    entry_ids = torch.searchsorted(ends, positions, right=True)
+    starts = ends - torch.tensor([e.count for e in entries], dtype=torch.int64)
+    local = positions - starts[entry_ids]
+    flats = local.clone()
+    if positions.numel():
+        ids, counts = torch.unique_consecutive(entry_ids, return_counts=True)
+        offset = 0
+        for entry_id, count in zip(ids.tolist(), counts.tolist(), strict=True):
+            entry = entries[entry_id]
+            if entry.mask is not None:
+                # Rank among the in-scope elements -> flat index (one tensor's mask at a time).
+                span = slice(offset, offset + count)
+                flats[span] = entry.flat_positions()[local[span]]
+            offset += count
+    return entry_ids, flats
+
+
+def random_k(
+    scope: Sequence[ScopeEntry],
+    k: int,
+    seed: int,
+    *,
+    exclude: Mapping[str, torch.Tensor] | None = None,
+) -> Selection:
+    """``k`` weights drawn uniformly without replacement from ``scope``, seeded by ``seed``.
+
+    With ``exclude`` (e.g. the treatment selection) those weights are never drawn.
+    """
+    entries = check_scope(scope)
+    k = int(k)
+    n_total = scope_size(entries)
+    excluded = _in_scope_exclusions(entries, exclude)
+    n_excluded = sum(int(v.numel()) for v in excluded.values())
+    n_eligible = n_total - n_excluded
+    if not 0 <= k <= n_eligible:
+        raise InvalidInput(
+            f"random_k needs 0 <= k <= {n_eligible} eligible weights in scope "
+            f"({n_total} in scope, {n_excluded} excluded), got k={k}; lower k or widen the scope"
+        )
+    generator = torch.Generator(device="cpu").manual_seed(int(seed))
+    info: dict[str, Any] = {
+        "seed": int(seed),
+        "overlap": "excluded" if exclude is not None else "allowed",
+        "n_excluded": n_excluded,
+        "scope_size": n_total,
+    }
+    if k == 0:
+        return Selection(kind="random_k", info={**info, "sampler": "none"})
+
+    if 2 * k > n_eligible:
+        # Dense case: a seeded permutation of the eligible positions (at most 2k of them).
+        flat_parts, id_parts = [], []
+        for entry_id, entry in enumerate(entries):
+            flat = entry.flat_positions()
+            if entry_id in excluded:
+                flat = flat[~_is_member(excluded[entry_id], flat)]
+            flat_parts.append(flat)
+            id_parts.append(torch.full((flat.numel(),), entry_id, dtype=torch.int64))
+        all_flats, all_ids = torch.cat(flat_parts), torch.cat(id_parts)
+        chosen = torch.sort(torch.randperm(n_eligible, generator=generator)[:k]).values
+        parts = _group_by_entry(entries, all_ids[chosen], all_flats[chosen])
+        return Selection(parts, kind="random_k", info={**info, "sampler": "permutation"})
+
+    # Sparse case: rejection sampling in the global numbering. The set of distinct values seen
+    # is invariant under permutations of the eligible positions and the stopping rule depends
+    # only on its size, so it is a uniform subset of its size; a uniform k-subset of it is then
+    # a uniform k-subset of the eligible weights.
+    ends = torch.cumsum(torch.tensor([e.count for e in entries], dtype=torch.int64), 0)
+    found = torch.empty(0, dtype=torch.int64)
+    while found.numel() < k:
+        missing = k - found.numel()
+        expected_draws = missing * n_total / max(n_eligible - found.numel(), 1)
+        n_draw = min(int(expected_draws * 1.1) + 64, _MAX_DRAW)
+        candidates = torch.unique(torch.randint(0, n_total, (n_draw,), generator=generator))
+        if excluded:
+            entry_ids, flats = _global_to_flat(entries, ends, candidates)
+            keep = torch.ones_like(candidates, dtype=torch.bool)
+            for entry_id, values in excluded.items():
+                in_entry = entry_ids == entry_id
+                keep[in_entry] = ~_is_member(values, flats[in_entry])
+            candidates = candidates[keep]
+        found = torch.unique(torch.cat([found, candidates]))
+    if found.numel() > k:
+        found = torch.sort(found[torch.randperm(found.numel(), generator=generator)[:k]]).values
+    entry_ids, flats = _global_to_flat(entries, ends, found)
+    parts = _group_by_entry(entries, entry_ids, flats)
+    return Selection(parts, kind="random_k", info={**info, "sampler": "rejection"})
+
+
+def all_k(scope: Sequence[ScopeEntry]) -> Selection:
+    """Every weight in ``scope``."""
+    entries = check_scope(scope)
+    parts = {e.name: e.flat_positions() for e in entries if e.count}
+    return Selection(parts, kind="all_k", info={"scope_size": scope_size(entries)})
+
+
+def top_k(
+    parameters: Sequence[str] | np.ndarray | Any,
+    flat_indices: Sequence[int] | np.ndarray | torch.Tensor | Any,
+    k: int | None = None,
+    *,
+    scope: Sequence[ScopeEntry] | None = None,
+) -> Selection:
+    """The first ``k`` rows (all rows if ``k`` is None) of a ranking given as two parallel
+    columns, best first: parameter names and flat indices (e.g. ``df["parameter"]``,
+    ``df["flat_index"]`` of a polars frame). With ``scope``, every row must lie in it.
+    """
+    names = np.asarray(parameters).astype(str).reshape(-1)
+    if isinstance(flat_indices, torch.Tensor):
+        flat_indices = flat_indices.cpu().numpy()
+    indices = np.asarray(flat_indices).reshape(-1)
+    if names.shape != indices.shape:
+        raise InvalidInput(
+            f"ranking has {names.size} parameter names but {indices.size} flat indices; "
+            "pass two columns of the same ranking"
+        )
+    n_rows = names.size
+    k = n_rows if k is None else int(k)
+    if not 0 <= k <= n_rows:
+        raise InvalidInput(f"top_k needs 0 <= k <= {n_rows} ranked rows, got k={k}; lower k")
+    if k and not np.issubdtype(indices.dtype, np.integer):
+        raise InvalidInput(f"flat indices must be integers, got dtype {indices.dtype}")
+    if k == 0:
+        return Selection(kind="top_k", info={"n_ranked_rows": n_rows})
+    names, indices = names[:k], indices[:k].astype(np.int64)
+    unique_names, codes = np.unique(names, return_inverse=True)
+    order = np.lexsort((indices, codes))  # by name code, then flat index
+    codes, indices = codes[order], indices[order]
+    duplicate = (codes[1:] == codes[:-1]) & (indices[1:] == indices[:-1])
+    if duplicate.any():
+        at = int(np.argmax(duplicate))
+        raise InvalidInput(
+            f"ranking lists weight ({unique_names[codes[at]]}, {indices[at]}) twice; "
+            "a ranking must name each weight once"
+        )
+    counts = np.bincount(codes, minlength=unique_names.size)
+    parts: dict[str, torch.Tensor] = {}
+    splits = np.split(indices, np.cumsum(counts)[:-1])
+    for name, part in zip(unique_names.tolist(), splits, strict=True):
+        parts[name] = torch.from_numpy(np.ascontiguousarray(part))
+    if scope is not None:
+        entries = {e.name: e for e in check_scope(scope)}
+        for name, idx in parts.items():
+            entry = entries.get(name)
+            outside = idx if entry is None else idx[~entry.contains(idx)]
+            if outside.numel():
+                raise InvalidInput(
+                    f"ranked weight ({name}, {int(outside[0])}) is outside the perturbation scope; "
+                    "use the scope the ranking was made in"
+                )
+        order_in_scope = {name: i for i, name in enumerate(entries)}
+        parts = dict(sorted(parts.items(), key=lambda item: order_in_scope[item[0]]))
+    return Selection(parts, kind="top_k", info={"n_ranked_rows": n_rows})
+
+
+def _smallest_flat(scores: torch.Tensor, valid: torch.Tensor | None, k: int) -> torch.Tensor:
+    """Sorted flat indices of the k smallest valid scores, ties to the lower flat index."""
+    n_valid = scores.numel() if valid is None else int(valid.sum())
+    if n_valid <= k:
+        if valid is None:
+            return torch.arange(scores.numel(), dtype=torch.int64, device=scores.device)
+        return valid.nonzero().view(-1)
+    values = scores if valid is None else scores[valid]
+    threshold = torch.kthvalue(values, k).values
+    below = scores < threshold
+    equal = scores == threshold
+    if valid is not None:
+        below &= valid
+        equal &= valid
+    below_flat = below.nonzero().view(-1)
+    equal_flat = equal.nonzero().view(-1)[: k - below_flat.numel()]
+    return torch.sort(torch.cat([below_flat, equal_flat])).values
+
+
+def bottom_k(
+    scores: Mapping[str, torch.Tensor] | Iterable[tuple[str, torch.Tensor]],
+    scope: Sequence[ScopeEntry],
+    k: int,
+    *,
+    zeros: Literal["exclude", "include"] = "exclude",
+    absolute: bool = False,
+) -> Selection:
+    """The ``k`` in-scope weights with the smallest scores (see the module docstring).
+
+    ``scores`` yields (parameter name, score tensor of the parameter's shape), e.g. lazily from
+    a safetensors score file; names outside the scope are skipped, and every scope entry must
+    get its scores.
+    """
+    if zeros not in ("exclude", "include"):
+        raise InvalidInput(f"zeros must be 'exclude' or 'include', got {zeros!r}")
+    entries = check_scope(scope)
+    k = int(k)
+    if k < 0:
+        raise InvalidInput(f"bottom_k needs k >= 0, got {k}")
+    position = {e.name: i for i, e in enumerate(entries)}
+    seen: set[str] = set()
+    n_zero = n_candidates = 0
+    best_scores = torch.empty(0, dtype=torch.float64)
+    best_keys = torch.empty(0, dtype=torch.int64)  # entry << _FLAT_BITS | flat
+    items = scores.items() if isinstance(scores, Mapping) else scores
+    for name, score in items:
+        if name not in position:
+            continue
+        if name in seen:
+            raise InvalidInput(f"scores for {name!r} were given twice; pass each tensor once")
+        seen.add(name)
+        entry_id = position[name]
+        entry = entries[entry_id]
+        flat_scores = score.detach().reshape(-1)
+        if flat_scores.numel() != entry.numel:
+            raise InvalidInput(
+                f"scores of {name!r} have {flat_scores.numel()} elements, the parameter "
+                f"{entry.numel}; use the score file of this model"
+            )
+        if not flat_scores.is_floating_point() or flat_scores.element_size() < 4:
+            flat_scores = flat_scores.float()  # kthvalue and comparisons in at least float32
+        if absolute:
+            flat_scores = flat_scores.abs()
+        valid = None if entry.mask is None else entry.mask.to(flat_scores.device)
+        in_scope = flat_scores if valid is None else flat_scores[valid]
+        if torch.isnan(in_scope).any():
+            raise NonFiniteError(f"scores of {name!r} contain NaN; recompute the scores")
+        if not absolute and bool((in_scope < 0).any()):
+            raise InvalidInput(
+                f"scores of {name!r} are negative in places; bottom_k ranks by value: pass "
+                "absolute=True to rank by |score|"
+            )
+        is_zero = flat_scores == 0
+        zero_in_scope = is_zero if valid is None else is_zero & valid
+        n_zero += int(zero_in_scope.sum())
+        if zeros == "exclude":
+            valid = ~is_zero if valid is None else valid & ~is_zero
+        n_candidates += entry.count - (int(zero_in_scope.sum()) if zeros == "exclude" else 0)
+        flat = _smallest_flat(flat_scores, valid, k)
+        cand_scores = flat_scores[flat].to(device="cpu", dtype=torch.float64)
+        cand_keys = (entry_id << _FLAT_BITS) | flat.cpu()
+        # Merge: order by (score, scope position, flat index) with two stable sorts, keep k.
+        merged_scores = torch.cat([best_scores, cand_scores])
+        merged_keys = torch.cat([best_keys, cand_keys])
+        by_key = torch.sort(merged_keys, stable=True).indices
+        by_score = torch.sort(merged_scores[by_key], stable=True).indices
+        keep = by_key[by_score[:k]]
+        best_scores, best_keys = merged_scores[keep], merged_keys[keep]
+    missing = [e.name for e in entries if e.name not in seen]
+    if missing:
+        raise InvalidInput(
+            f"no scores for {len(missing)} tensor(s) in scope, e.g. {missing[0]!r}; score the "
+            "same tensors the scope covers"
+        )
+    if k > n_candidates:
+        hint = " or pass zeros='include'" if zeros == "exclude" and n_zero else ""
+        raise InvalidInput(
+            f"bottom_k needs k <= {n_candidates} candidate weights in scope ({n_zero} zero "
+            f"scores, zeros={zeros!r}), got k={k}; lower k{hint}"
+        )
+    order = torch.sort(best_keys).indices
+    best_keys = best_keys[order]
+    entry_ids = best_keys >> _FLAT_BITS
+    flats = best_keys & ((1 << _FLAT_BITS) - 1)
+    info = {
+        "zeros": zeros,
+        "absolute": absolute,
+        "n_zero_scores_in_scope": n_zero,
+        "max_selected_score": float(best_scores.max()) if k else None,
+        "ties": "scope order, then flat index",
+        "scope_size": scope_size(entries),
+    }
+    return Selection(_group_by_entry(entries, entry_ids, flats), kind="bottom_k", info=info)

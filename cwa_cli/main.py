@@ -1,0 +1,68 @@
+"""The ``cwa`` command: global options and the list of subcommands.
+
+Each subcommand lives in its own module and calls one library function; heavy libraries are
+imported inside commands so that ``cwa --help``, ``cwa runs`` and ``cwa sql`` start fast.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from cwa import __version__
+from cwa_cli import db, runs, sql
+from cwa_cli._state import CliState
+
+app = typer.Typer(
+    name="cwa",
+    help="Critical Weight Analysis: find the weights of a language model that matter most, "
+    "prove it against matched controls, and query the evidence.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"cwa {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def root(
+    ctx: typer.Context,
+    store: Annotated[
+        Path | None,
+        typer.Option("--store", envvar="CWA_STORE", help="Store directory (default: ./cwa_store)."),
+    ] = None,
+    json_output: Annotated[
+        bool, typer.Option("--json", help="Machine-readable JSON on stdout.")
+    ] = False,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress or chatter.")] = False,
+    no_mlflow: Annotated[
+        bool, typer.Option("--no-mlflow", help="Do not mirror runs to MLflow (or CWA_MLFLOW=0).")
+    ] = False,
+    version: Annotated[
+        bool,
+        typer.Option("--version", callback=_version, is_eager=True, help="Print the version."),
+    ] = False,
+) -> None:
+    ctx.obj = CliState(store=store, json=json_output, quiet=quiet,
+                       mlflow=False if no_mlflow else None)
+
+
+app.add_typer(runs.app, name="runs")
+app.add_typer(db.app, name="db")
+app.command("sql")(sql.sql_cmd)
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

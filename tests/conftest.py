@@ -1,0 +1,68 @@
+"""Shared fixtures: every test gets an isolated store, no MLflow unless asked, no hub access."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(autouse=True)
+def _isolated_environment(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("CWA_STORE", str(tmp_path / "store"))
+    monkeypatch.setenv("CWA_MLFLOW", "0")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("TRANSFORMERS_OFFLINE", "1")
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.delenv("CWA_DEBUG", raising=False)
+    monkeypatch.setenv("CWA_LOCK_TIMEOUT", "20")
+    monkeypatch.setenv("CWA_CACHE", os.environ.get("CWA_TEST_CACHE", str(_session_cache())))
+
+
+_CACHE: list[Path] = []
+
+
+def _session_cache() -> Path:
+    """One toy-model cache per test session (the toy model is built once, then reused)."""
+    if not _CACHE:
+        import tempfile
+
+        _CACHE.append(Path(tempfile.mkdtemp(prefix="cwa-test-cache-")))
+    return _CACHE[0]
+
+
+@pytest.fixture
+def store_path(tmp_path: Path) -> Path:
+    return tmp_path / "store"
+
+
+@pytest.fixture
+def store(store_path: Path):
+    from cwa.store import Store
+
+    return Store.open(store_path)
+
+
+@pytest.fixture
+def cli():
+    """Invoke the CLI in-process; returns a function (args) -> click Result."""
+    from typer.testing import CliRunner
+
+    from cwa_cli.main import app
+
+    runner = CliRunner()
+
+    def invoke(*args: str, input: str | None = None):
+        return runner.invoke(app, list(args), input=input)
+
+    return invoke
+
+
+@pytest.fixture
+def python_exe() -> str:
+    return sys.executable
