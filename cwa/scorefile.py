@@ -67,7 +67,11 @@ def _build_header(
         if name == "__metadata__" or name in header:
             raise InvalidInput(f"score file entry name {name!r} is reserved or repeated")
         nbytes = math.prod(shape) * itemsize
-        header[name] = {"dtype": code, "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
+        header[name] = {
+            "dtype": code,
+            "shape": list(shape),
+            "data_offsets": [offset, offset + nbytes],
+        }
         sizes.append(nbytes)
         offset += nbytes
     text = json.dumps(header, separators=(",", ":"), ensure_ascii=True).encode("utf-8")

@@ -21,3 +21,44 @@ StatusOpt = Annotated[
     typer.Option("--status", help="running, succeeded, failed or interrupted."),
 ]
 LimitOpt = Annotated[int, typer.Option("--limit", "-n", help="Show at most this many rows.")]
+
+# -- model and data options shared by the stages ------------------------------------------
+ModelOpt = Annotated[
+    str,
+    typer.Option("--model", "-m", help="Hugging Face name, local folder, or 'toy' / 'toy-llama'."),
+]
+DtypeOpt = Annotated[
+    str, typer.Option("--dtype", help="auto, float32, bfloat16 or float16.")
+]
+DeviceOpt = Annotated[
+    str, typer.Option("--device", help="auto, cpu, cuda, cuda:N or mps.")
+]
+TrustRemoteCodeOpt = Annotated[
+    bool,
+    typer.Option("--trust-remote-code", help="Allow model code from the hub (off by default)."),
+]
+DataOpt = Annotated[
+    str,
+    typer.Option(
+        "--data",
+        help="Text: 'toy', a .txt/.jsonl/.parquet file, or hf:NAME[:CONFIG]:SPLIT:COLUMN.",
+    ),
+]
+TextColumnOpt = Annotated[
+    str | None, typer.Option("--text-column", help="Column holding the text (jsonl/parquet).")
+]
+NSamplesOpt = Annotated[int, typer.Option("--n-samples", help="Calibration sequences.")]
+SeqLenOpt = Annotated[int, typer.Option("--seq-len", help="Tokens per sequence.")]
+BatchSizeOpt = Annotated[int, typer.Option("--batch-size", help="Sequences per forward pass.")]
+SeedOpt = Annotated[int, typer.Option("--seed", help="Random seed.")]
+ExperimentLabelOpt = Annotated[
+    str, typer.Option("--experiment", "-e", help="Experiment/group label for the run(s).")
+]
+LayersOpt = Annotated[
+    str | None, typer.Option("--layers", help="Layer indices, e.g. '0-5' or '0,2,4'.")
+]
+ComponentsOpt = Annotated[
+    str | None,
+    typer.Option("--components", help="Components, e.g. 'attn_q,mlp_down' (see cwa model inspect)."),
+]
+ListOpt = Annotated[bool, typer.Option("--list", help="List the available choices and exit.")]

@@ -12,7 +12,7 @@ from typing import Annotated
 import typer
 
 from cwa import __version__
-from cwa_cli import db, runs, sql
+from cwa_cli import db, model, runs, sql, toy
 from cwa_cli._state import CliState
 
 app = typer.Typer(
@@ -57,6 +57,8 @@ def root(
 
 app.add_typer(runs.app, name="runs")
 app.add_typer(db.app, name="db")
+app.add_typer(model.app, name="model")
+app.add_typer(toy.app, name="toy")
 app.command("sql")(sql.sql_cmd)
 
 

@@ -17,12 +17,13 @@ as of harness v0.4.9.2 (the release that delegated BOS handling to the tokenizer
   (left truncation to the model length), right-padded, with no attention mask (the causal
   mask already hides the padding on the right); the log-likelihood is the sum of the
   continuation tokens' log-probabilities and ``is_greedy`` says whether every continuation
-  token is the argmax. Log-softmax is taken in float32 (the harness uses the model dtype;
-  identical for float32 models, more accurate for half precision).
+  token is the argmax. Log-probabilities are ``logit - logsumexp(logits)`` in float32 (the
+  harness takes ``log_softmax`` in the model dtype: the same up to float rounding for float32
+  models, more accurate for half precision).
 
 Batching: requests are grouped by item (the four endings of a HellaSwag item share a group),
-items are ordered by their longest request, longest first, and whole items are packed into
-batches of at most ``batch_size`` sequences; one forward pass per batch; continuation
+items are ordered by context length, longest first, and whole items are packed into batches of
+at most ``batch_size`` sequences; one forward pass per batch; continuation
 log-probabilities are gathered with tensor indexing (no per-token Python loop). When the model
 accepts ``logits_to_keep`` only the positions from the earliest continuation start onwards go
 through the LM head.
@@ -159,7 +160,12 @@ def encode_pairs(
 
 
 def plan_batches(requests: Sequence[TokenRequest], batch_size: int) -> list[list[int]]:
-    """Request indices per batch: items longest first, an item's requests kept together."""
+    """Request indices per batch: items ordered by context length (longest first, then by
+    total length), an item's requests kept together.
+
+    Ordering by context length puts requests whose continuations start at nearly the same
+    position in one batch, so the span of positions sent through the LM head stays short.
+    """
     if batch_size < 1:
         raise InvalidInput(f"batch_size must be at least 1, got {batch_size}")
     groups: dict[int, list[int]] = {}
@@ -169,10 +175,17 @@ def plan_batches(requests: Sequence[TokenRequest], batch_size: int) -> list[list
     def total_len(i: int) -> int:
         return len(requests[i].context) + len(requests[i].continuation)
 
-    order = sorted(groups, key=lambda g: (-max(total_len(i) for i in groups[g]), g))
+    def group_key(g: int) -> tuple[int, int, int]:
+        members = groups[g]
+        return (
+            -min(len(requests[i].context) for i in members),
+            -max(total_len(i) for i in members),
+            g,
+        )
+
     batches: list[list[int]] = []
     current: list[int] = []
-    for g in order:
+    for g in sorted(groups, key=group_key):
         members = sorted(groups[g], key=lambda i: (-total_len(i), i))
         if current and len(current) + len(members) > batch_size:
             batches.append(current)
@@ -274,13 +287,17 @@ def _score_batch(
     valid = steps.unsqueeze(0) < contlens.unsqueeze(1)
     positions = torch.where(valid, starts.unsqueeze(1) + steps.unsqueeze(0) - offset, 0)
     positions = positions.to(logits.device)
-    vocab = logits.shape[-1]
-    picked = torch.gather(logits, 1, positions.unsqueeze(-1).expand(-1, -1, vocab))
-    logprobs = torch.log_softmax(picked.float(), dim=-1)
     targets = targets.to(logits.device)
     valid = valid.to(logits.device)
-    token_lp = logprobs.gather(-1, targets.unsqueeze(-1)).squeeze(-1).masked_fill(~valid, 0.0)
-    is_greedy = ((logprobs.argmax(dim=-1) == targets) | ~valid).all(dim=1)
+    # log p(token) = logit(token) - logsumexp(logits), in float32; only [rows, positions]
+    # values are gathered, never a [rows, positions, vocab] copy.
+    logits = logits.float()
+    log_norm = torch.logsumexp(logits, dim=-1).gather(1, positions)
+    flat_index = positions * logits.shape[-1] + targets
+    target_logits = logits.flatten(1).gather(1, flat_index)
+    token_lp = (target_logits - log_norm).masked_fill(~valid, 0.0)
+    best = logits.argmax(dim=-1).gather(1, positions)
+    is_greedy = ((best == targets) | ~valid).all(dim=1)
     return token_lp.double().sum(dim=1).cpu(), is_greedy.cpu()
 
 

@@ -170,7 +170,9 @@ def count_targets(batches: Sequence[Batch]) -> tuple[int, int]:
     return tokens, sequences
 
 
-def token_nll(model: torch.nn.Module, batch: Batch, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+def token_nll(
+    model: torch.nn.Module, batch: Batch, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-position NLL [B, T] (0 at non-targets, float32) and the target mask [B, T]."""
     input_ids = batch["input_ids"].to(device)
     attention_mask = _attention_mask(batch).to(device)
@@ -182,7 +184,9 @@ def token_nll(model: torch.nn.Module, batch: Batch, device: torch.device) -> tup
     logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
     vocab = logits.shape[-1]
     nll = torch.nn.functional.cross_entropy(
-        logits.reshape(-1, vocab).float(), labels.reshape(-1), ignore_index=IGNORE_INDEX,
+        logits.reshape(-1, vocab).float(),
+        labels.reshape(-1),
+        ignore_index=IGNORE_INDEX,
         reduction="none",
     )
     return nll.view(input_ids.shape), mask
@@ -224,7 +228,9 @@ def calibration_loss(
 
 
 @contextmanager
-def gradients_only_for(model: torch.nn.Module, params: Sequence[torch.nn.Parameter]) -> Iterator[None]:
+def gradients_only_for(
+    model: torch.nn.Module, params: Sequence[torch.nn.Parameter]
+) -> Iterator[None]:
     """Let only ``params`` require grad (skips weight-gradient work elsewhere); restore after.
 
     Also clears ``.grad`` of the selected parameters before and after.

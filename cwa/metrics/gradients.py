@@ -58,13 +58,16 @@ def _grad_x_weight(ctx: ScoringContext) -> Iterator[tuple[str, torch.Tensor]]:
         finally:
             handle.close()
         ctx.loss, ctx.n_tokens, ctx.n_sequences = float(total / n_targets), n_targets, n_sequences
-        for name, param in zip(names, params):
-            grad = param.grad
+        for name, param in zip(names, params, strict=True):
+            grad, param.grad = param.grad, None  # the gradient is ours now; freed after use
             if grad is None:  # parameter not reached by the loss
                 score = torch.zeros(param.shape, dtype=torch.float32, device=param.device)
+            elif grad.dtype == torch.float32:
+                # Build the score in the gradient's own memory: no extra full-size tensor.
+                score = grad.mul_(param.detach()).abs_()
             else:
                 score = (param.detach().float() * grad.float()).abs_()
-            param.grad = None  # free this gradient before the next score is built
+            del grad
             yield name, score
 
 
@@ -116,7 +119,7 @@ def _grad_squared(ctx: ScoringContext) -> Iterator[tuple[str, torch.Tensor]]:
             handle.close()
     ctx.loss, ctx.n_tokens, ctx.n_sequences = float(total / n_targets), n_targets, n_sequences
     ctx.config["n_examples"] = n_examples
-    for i, (name, param) in enumerate(zip(names, params)):
+    for i, (name, param) in enumerate(zip(names, params, strict=True)):
         accumulated, sums[i] = sums[i], None
         if accumulated is None:
             yield name, torch.zeros(param.shape, dtype=torch.float32, device=param.device)

@@ -192,6 +192,43 @@ def _block(tensor: torch.Tensor, seg: Segment) -> tuple[torch.Tensor | None, tor
     return tensor.narrow(seg.dim, seg.start, seg.stop - seg.start), None
 
 
+def _axis_profile(info: ParamInfo) -> tuple[int, torch.Tensor, torch.Tensor] | None:
+    """(axis, component id per position, head id per position) when every block of the
+    parameter is cut along, and has its heads along, one and the same axis; else None.
+
+    Then the per-element tensors are these vectors broadcast over the other axes, which is
+    far cheaper than writing each block of a large fused tensor separately.
+    """
+    shape = info.shape
+    axes = {a for seg in info.segments for a in (seg.dim, seg.head_axis) if a is not None}
+    if not shape or len(axes) > 1:
+        return None
+    axis = axes.pop() if axes else 0
+    size = shape[axis]
+    comp = torch.empty(size, dtype=torch.int8)
+    heads = torch.full((size,), -1, dtype=torch.int32)
+    for seg in info.segments:
+        if seg.dim is None:
+            positions: slice | torch.Tensor = slice(0, size)
+            n_local = size
+        elif seg.index is not None:
+            positions = torch.tensor(seg.index, dtype=torch.long)
+            n_local = len(seg.index)
+        else:
+            positions = slice(seg.start, seg.stop)
+            n_local = seg.stop - seg.start
+        comp[positions] = COMPONENT_INDEX[seg.component]
+        if seg.n_heads is not None and seg.head_dim is not None and seg.head_axis is not None:
+            heads[positions] = torch.arange(n_local, dtype=torch.int32) // seg.head_dim
+    return axis, comp, heads
+
+
+def _expand_along(vector: torch.Tensor, axis: int, shape: tuple[int, ...]) -> torch.Tensor:
+    bshape = [1] * len(shape)
+    bshape[axis] = shape[axis]
+    return vector.view(bshape).expand(shape).contiguous()
+
+
 def _fill_segment(tensor: torch.Tensor, seg: Segment, value: int | bool) -> None:
     view, index = _block(tensor, seg)
     if view is not None:
@@ -264,6 +301,9 @@ class ArchitectureMap:
             return torch.full(
                 info.shape, COMPONENT_INDEX[info.segments[0].component], dtype=torch.int8
             )
+        profile = _axis_profile(info)
+        if profile is not None:
+            return _expand_along(profile[1], profile[0], info.shape)
         out = torch.empty(info.shape, dtype=torch.int8)
         for seg in info.segments:
             _fill_segment(out, seg, COMPONENT_INDEX[seg.component])
@@ -275,19 +315,18 @@ class ArchitectureMap:
         q and o elements carry the query head index, k and v elements the key/value head index.
         """
         info = self._info(name)
+        profile = _axis_profile(info)
+        if profile is not None:
+            return _expand_along(profile[2], profile[0], info.shape)
         out = torch.full(info.shape, -1, dtype=torch.int32)
         for seg in info.segments:
             if seg.n_heads is None or seg.head_dim is None or seg.head_axis is None:
                 continue
             axis = seg.head_axis
-            if seg.dim == axis:
-                n_local = seg.length(info.shape)
-            else:
-                n_local = info.shape[axis]
-            heads = torch.arange(n_local, dtype=torch.int32) // seg.head_dim
+            n_local = seg.length(info.shape) if seg.dim == axis else info.shape[axis]
             bshape = [1] * len(info.shape)
             bshape[axis] = n_local
-            heads = heads.view(bshape)
+            heads = (torch.arange(n_local, dtype=torch.int32) // seg.head_dim).view(bshape)
             view, index = _block(out, seg)
             if view is not None:
                 view.copy_(heads.expand_as(view))
@@ -297,6 +336,30 @@ class ArchitectureMap:
                 block_shape[seg.dim] = len(seg.index or ())
                 out.index_copy_(seg.dim, index, heads.expand(block_shape).contiguous())
         return out
+
+    def _head_mask(self, name: str, head: int, comps: tuple[str, ...]) -> torch.Tensor | None:
+        """Bool mask of ``head``'s elements among ``comps`` in one parameter (None: none)."""
+        info = self.params[name]
+        mask: torch.Tensor | None = None
+        for seg in info.segments:
+            if seg.component not in comps or seg.n_heads is None or head >= seg.n_heads:
+                continue
+            assert seg.head_dim is not None and seg.head_axis is not None
+            if mask is None:
+                mask = torch.zeros(info.shape, dtype=torch.bool)
+            lo = head * seg.head_dim
+            if seg.dim is None:
+                mask.narrow(seg.head_axis, lo, seg.head_dim).fill_(True)
+            elif seg.dim == seg.head_axis and seg.index is not None:
+                rows = torch.tensor(seg.index[lo : lo + seg.head_dim], dtype=torch.long)
+                mask.index_fill_(seg.dim, rows, True)
+            elif seg.dim == seg.head_axis:
+                mask.narrow(seg.dim, seg.start + lo, seg.head_dim).fill_(True)
+            else:  # block cut along one axis, heads along another: general element test
+                in_seg = torch.zeros(info.shape, dtype=torch.bool)
+                _fill_segment(in_seg, seg, True)
+                mask |= in_seg & (self.head_ids(name) == head)
+        return mask
 
     def _check_head(self, head: int, limit: int) -> None:
         if not 0 <= head < limit:
@@ -325,15 +388,12 @@ class ArchitectureMap:
         comps = resolve_components(components) or ()
         layer = self._check_layer(layer)
         self._check_head(head, max(self.n_heads, self.n_kv_heads))
-        wanted = torch.tensor([COMPONENT_INDEX[c] for c in comps], dtype=torch.int8)
         masks: dict[str, torch.Tensor] = {}
         for name, info in self.params.items():
             if info.layer != layer:
                 continue
-            if not any(s.component in comps and s.n_heads is not None for s in info.segments):
-                continue
-            mask = torch.isin(self.component_ids(name), wanted) & (self.head_ids(name) == head)
-            if bool(mask.any()):
+            mask = self._head_mask(name, head, comps)
+            if mask is not None:
                 masks[name] = mask
         return masks
 
@@ -387,13 +447,14 @@ class ArchitectureMap:
 
     # -- reporting --------------------------------------------------------------------
     def summary_rows(self) -> list[dict[str, Any]]:
-        """One row per (layer, component) present: parameter count, tensors, heads, head dim.
+        """One row per (layer, component) present: parameter count, tensor count, heads, head dim.
 
         Rows outside the layer stack have ``layer=None``; rows are ordered embeddings first,
         then layers in order, then final norm and lm_head, components in :data:`COMPONENTS`
         order.
         """
         rows: dict[tuple[int | None, str], dict[str, Any]] = {}
+        counted: set[tuple[int | None, str, str]] = set()
         for name, info in self.params.items():
             for seg in info.segments:
                 key = (info.layer, seg.component)
@@ -405,12 +466,13 @@ class ArchitectureMap:
                         "n_params": 0,
                         "n_heads": None,
                         "head_dim": None,
-                        "tensors": [],
+                        "n_tensors": 0,
                     },
                 )
                 row["n_params"] += seg.numel(info.shape)
-                if name not in row["tensors"]:
-                    row["tensors"].append(name)
+                if (info.layer, seg.component, name) not in counted:
+                    counted.add((info.layer, seg.component, name))
+                    row["n_tensors"] += 1
                 if seg.n_heads is not None:
                     row["n_heads"] = seg.n_heads
                     row["head_dim"] = seg.head_dim
@@ -518,19 +580,23 @@ def _neox_qkv(shape: tuple[int, ...], dims: _Dims) -> tuple[Segment, ...]:
     d = dims.n_heads * dims.head_dim
     if shape[0] != 3 * d:
         raise _MapError(f"expected first axis 3*{d}, got shape {shape}")
-    return tuple(
-        Segment(
-            comp,
-            0,
-            0,
-            0,
-            _neox_index(dims.n_heads, dims.head_dim, part),
-            dims.n_heads,
-            dims.head_dim,
-            0,
+    segments = []
+    for part, comp in enumerate(("attn_q", "attn_k", "attn_v")):
+        rows = _neox_index(dims.n_heads, dims.head_dim, part)
+        # start/stop give the bounding range; the rows themselves are `index`
+        segments.append(
+            Segment(
+                comp,
+                dim=0,
+                start=rows[0],
+                stop=rows[-1] + 1,
+                index=rows,
+                n_heads=dims.n_heads,
+                head_dim=dims.head_dim,
+                head_axis=0,
+            )
         )
-        for part, comp in enumerate(("attn_q", "attn_k", "attn_v"))
-    )
+    return tuple(segments)
 
 
 def _phi3_qkv(shape: tuple[int, ...], dims: _Dims) -> tuple[Segment, ...]:
@@ -584,12 +650,12 @@ _W = r"\.(weight|bias)$"
 _RULES: tuple[_Rule, ...] = (
     # fused attention / MLP layouts of the supported families
     _rule(r"\.attn\.c_attn" + _W, fused=_gpt2_c_attn),
-    _rule(r"\.attention\.query_key_value" + _W, fused=_neox_qkv),
+    _rule(r"\.(self_)?attention\.query_key_value" + _W, fused=_neox_qkv),
     _rule(r"\.self_attn\.qkv_proj" + _W, fused=_phi3_qkv),
     _rule(r"\.mlp\.gate_up_proj" + _W, fused=_phi3_gate_up),
     # attention output projections: heads along the input features; bias after the head sum
-    _rule(r"\.(o_proj|out_proj|attn\.c_proj|attention\.dense)\.weight$", "attn_o", "in"),
-    _rule(r"\.(o_proj|out_proj|attn\.c_proj|attention\.dense)\.bias$", "attn_o"),
+    _rule(r"\.(o_proj|out_proj|attn\.c_proj|(self_)?attention\.dense)\.weight$", "attn_o", "in"),
+    _rule(r"\.(o_proj|out_proj|attn\.c_proj|(self_)?attention\.dense)\.bias$", "attn_o"),
     # separate q/k/v projections: heads along the output features (bias included)
     _rule(r"\.(q_proj|query|q_lin|wq)" + _W, "attn_q", "out"),
     _rule(r"\.(k_proj|key|k_lin|wk)" + _W, "attn_k", "out", kv=True),
@@ -764,6 +830,8 @@ def build_architecture_map(model: nn.Module) -> ArchitectureMap:
         n_layers = max(layers_seen) + 1 if layers_seen else 0
         n_heads = n_kv = head_dim = hidden = 0
         notes.append("config has no head sizes; no head structure mapped")
+    # One note per kind of tensor, not per layer: "h.0.x" and "h.1.x" read as "h.*.x".
+    notes = list(dict.fromkeys(re.sub(r"\.\d+\.", ".*.", note) for note in notes))
     return ArchitectureMap(
         family=family or (model_type or type(model).__name__),
         is_fallback=is_fallback,
@@ -811,6 +879,7 @@ def inspect_model(target: Any) -> dict[str, Any]:
         "head_dim": arch.head_dim,
         "hidden_size": arch.hidden_size,
         "total_params": arch.total_params,
+        "tied_embeddings": bool(arch.tied),
         "tied": dict(arch.tied),
         "component_totals": {c: n for c, n in counts.items() if n},
         "notes": list(arch.notes),

@@ -178,6 +178,18 @@ def apply_perturbation(
         if idx.numel():
             touched.append((name, whole, idx.to(whole.device)))
 
+    # Two names on one storage (tied weights passed as a state dict) would be perturbed twice
+    # and restored in the wrong order: refuse.
+    storage_owner: dict[int, str] = {}
+    for name, whole, _ in touched:
+        pointer = whole.untyped_storage().data_ptr()
+        if pointer in storage_owner:
+            raise InvalidInput(
+                f"{storage_owner[pointer]!r} and {name!r} share storage (tied weights); select "
+                "each weight under one name only"
+            )
+        storage_owner[pointer] = name
+
     checksums_before = {
         name: (
             baseline_checksums[name]
@@ -264,7 +276,7 @@ def restore_exact(handle: PerturbationHandle) -> dict[str, str]:
         return dict(handle.checksums_after)
     problems: list[str] = []
     with torch.no_grad():
-        for name, flat in handle._flat.items():
+        for name, flat in reversed(handle._flat.items()):  # undo in reverse order of writing
             try:
                 flat.index_copy_(0, handle._indices[name], handle._originals[name])
             except Exception as exc:  # keep restoring the other tensors, then report

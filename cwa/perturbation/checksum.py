@@ -8,14 +8,17 @@ value says how it was made:
     the tensor's memory without a copy and, with the SHA CPU extensions, runs at over 1 GB/s.
 
 ``lin64``
-    A position-weighted sum of the tensor's 64-bit words modulo 2**64, computed on the tensor's
-    own device (no transfer to the host; a few milliseconds for a GPU-resident 7B model). Word
-    ``i`` of row ``r`` (rows of :data:`_ROW_WIDTH` words) is multiplied by an odd column constant
-    and an odd row constant; a product of odd numbers is odd, and ``delta * odd == 0 (mod 2**64)``
-    only when ``delta == 0``, so a change to any single word is always detected. Several
-    simultaneous changes cancel only with probability ~2**-64 (it is not a cryptographic hash:
-    it detects accidents, not adversaries). The sum, byte length, dtype and shape are then
-    folded through SHA-256 into 16 hex digits.
+    A keyed sum of the tensor's 64-bit words modulo 2**64, computed on the tensor's own device
+    (no transfer to the host; milliseconds for a GPU-resident 7B model). Word ``w`` at column
+    ``c`` of row ``r`` (rows of :data:`_ROW_WIDTH` words) contributes ``f(w ^ s_c) * m_r``, where
+    ``f`` is the SplitMix64 finaliser (a bijection on 64-bit words), ``s_c`` a column salt and
+    ``m_r`` an odd row multiplier. A bijection changes its output whenever its input changes, and
+    ``delta * odd == 0 (mod 2**64)`` only when ``delta == 0``, so a change to any single word is
+    always detected. The mixing matters: with a purely linear sum (``w * odd``), flipping the top
+    bit of a word adds ``2**63`` whatever the weight, and two sign flips of float32 values would
+    cancel. Several simultaneous changes cancel only with probability ~2**-64 (it is not a
+    cryptographic hash: it detects accidents, not adversaries). The sum, byte length, dtype and
+    shape are then folded through SHA-256 into 16 hex digits.
 
 The default picks ``sha256`` on the CPU and ``lin64`` elsewhere. A checksum is only compared
 with another of the same algorithm (:func:`same_checksum`).
@@ -64,7 +67,7 @@ def _column_weights(device: torch.device) -> torch.Tensor:
     weights = _column_weights_cache.get(key)
     if weights is None:
         cols = torch.arange(_ROW_WIDTH, dtype=torch.int64, device=device)
-        weights = _splitmix64(cols + 0x5EED) | 1  # odd: see the module docstring
+        weights = _splitmix64(cols + 0x5EED)  # column salts
         _column_weights_cache[key] = weights
     return weights
 
@@ -91,7 +94,7 @@ def _lin64_sum(tensor: torch.Tensor) -> int:
         rows = words[row_start * _ROW_WIDTH : row_stop * _ROW_WIDTH].view(-1, _ROW_WIDTH)
         row_ids = torch.arange(row_start, row_stop, dtype=torch.int64, device=tensor.device)
         row_w = _splitmix64(row_ids) | 1
-        total += ((rows * col_w).sum(dim=1) * row_w).sum()
+        total += (_splitmix64(rows ^ col_w).sum(dim=1) * row_w).sum()
     # The last partial row and the trailing bytes (numel * itemsize not a multiple of 8) are
     # zero-padded into one more row; the byte length folded in below keeps padding unambiguous.
     rest_words = words[n_full_rows * _ROW_WIDTH :]
@@ -101,7 +104,9 @@ def _lin64_sum(tensor: torch.Tensor) -> int:
         last[:n_rest] = rest_words.view(torch.uint8)
         last[n_rest : n_rest + tail.numel()] = tail
         row_w = _splitmix64(torch.tensor(n_full_rows, dtype=torch.int64, device=tensor.device))
-        total += (last.view(torch.int64) * col_w).sum() * (row_w | 1)
+        n_last = (n_rest + tail.numel() + 7) // 8  # only real words are mixed, not padding
+        mixed = _splitmix64(last.view(torch.int64)[:n_last] ^ col_w[:n_last])
+        total += mixed.sum() * (row_w | 1)
     return int(total.item()) & _MASK64
 
 

@@ -25,7 +25,8 @@ Built-in methods (registered in :data:`cwa.perturbation.PERTURBATION_METHODS`):
     on the small weights a ``bottom_k`` control picks, which would make controls look harmless
     by construction. The noise is float32, drawn on the CPU from a ``torch.Generator`` seeded by
     SHA-256 of ``(seed, parameter name)``: the same seed gives the same noise on any device and
-    whatever other tensors are in the selection.
+    whatever other tensors are in the selection. A constant tensor (std 0, e.g. a freshly
+    initialised norm weight) gets no noise; the handle's ``n_changed`` shows it.
 ``bit_flip``
     XOR bit ``B`` of each weight's IEEE-754 pattern in its storage dtype (viewed as the integer
     dtype of the same width). ``B`` counts from the least significant bit; the default is the

@@ -19,7 +19,7 @@ cached toy model and task files are keyed by it and rebuilt when it changes.
 from __future__ import annotations
 
 import random
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 GENERATOR_VERSION = 1

@@ -1,0 +1,82 @@
+"""Per-tensor summary statistics of a score tensor (one ``tensor_stats`` row per parameter).
+
+Computed exactly on the in-scope elements as stored (after the cast to the score dtype), with
+numpy: one ``np.sort`` of a float32 copy per tensor gives min, max, every quantile and the top-1%
+mass. numpy's vectorised sort takes ~0.5 s for GPT-2's 38.6M-element embedding on one core,
+where ``torch.sort`` (which also builds int64 indices) took ~6 s on the same machine.
+
+- quantiles (p50, p90, p99, p99_9) use linear interpolation between order statistics, the
+  default of ``numpy.quantile`` / ``torch.quantile``: position q * (n - 1) in the sorted values.
+- mean, std (population, ddof = 0) and sum are accumulated in float64.
+- top1pct_mass_share = sum of the largest ceil(1% of n) values of |s| divided by sum(|s|)
+  (None when the tensor has no mass).
+- zeros counts exact zeros; nonfinite counts NaN/inf among in-scope elements (the scoring driver
+  refuses non-finite scores, so stored files always have 0 there).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import numpy as np
+
+QUANTILES: tuple[tuple[str, float], ...] = (
+    ("p50", 0.5),
+    ("p90", 0.9),
+    ("p99", 0.99),
+    ("p99_9", 0.999),
+)
+STAT_COLUMNS: tuple[str, ...] = (
+    "numel",
+    "mean",
+    "std",
+    "min",
+    "max",
+    *(name for name, _ in QUANTILES),
+    "sum",
+    "top1pct_mass_share",
+    "zeros",
+    "nonfinite",
+)
+
+
+def _quantile(sorted_values: np.ndarray, q: float) -> float:
+    position = q * (sorted_values.size - 1)
+    low = math.floor(position)
+    high = min(low + 1, sorted_values.size - 1)
+    fraction = position - low
+    lo_value = float(sorted_values[low])
+    return lo_value + (float(sorted_values[high]) - lo_value) * fraction
+
+
+def score_stats(values: np.ndarray) -> dict[str, Any]:
+    """Statistics of a 1-D array of in-scope scores (any float dtype; NaN/inf are counted)."""
+    values = np.asarray(values).reshape(-1)
+    finite = np.isfinite(values)
+    nonfinite = int(values.size - np.count_nonzero(finite))
+    if nonfinite:
+        values = values[finite]
+    n = int(values.size)
+    row: dict[str, Any] = dict.fromkeys(STAT_COLUMNS)
+    row.update(numel=n + nonfinite, nonfinite=nonfinite, zeros=int(n - np.count_nonzero(values)))
+    if n == 0:
+        return row
+    ordered = np.sort(values.astype(np.float32, copy=True), kind="quicksort")
+    row["min"] = float(ordered[0])
+    row["max"] = float(ordered[-1])
+    for name, q in QUANTILES:
+        row[name] = _quantile(ordered, q)
+    row["sum"] = float(np.sum(ordered, dtype=np.float64))
+    row["mean"] = row["sum"] / n
+    row["std"] = float(np.std(ordered, dtype=np.float64))
+    top = math.ceil(0.01 * n)
+    if ordered[0] >= 0:  # non-negative: |s| = s and the largest are at the end
+        mass = row["sum"]
+        top_mass = float(np.sum(ordered[n - top :], dtype=np.float64))
+    else:
+        magnitudes = np.abs(ordered)
+        mass = float(np.sum(magnitudes, dtype=np.float64))
+        top_mass = float(np.sum(np.partition(magnitudes, n - top)[n - top :], dtype=np.float64))
+    row["top1pct_mass_share"] = top_mass / mass if mass > 0 else None
+    return row

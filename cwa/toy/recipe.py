@@ -1,0 +1,36 @@
+"""The toy models' training recipe (sizes, schedule, seed) as plain data, without torch."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from cwa.errors import InvalidInput
+
+VARIANTS = ("gpt2", "llama")
+
+
+@dataclass(frozen=True)
+class ToyTrainConfig:
+    """Size and schedule of one toy model; ``steps`` may be lowered for quick tests."""
+
+    variant: str = "gpt2"
+    n_layer: int = 4
+    d_model: int = 128
+    n_head: int = 4
+    n_kv_head: int = 2  # Llama only (grouped-query attention)
+    seq_len: int = 128  # training rows; also the model's maximum context
+    batch_size: int = 16
+    steps: int = 600
+    lr: float = 3e-3
+    warmup: int = 40
+    min_lr_ratio: float = 0.1
+    weight_decay: float = 0.01
+    grad_clip: float = 1.0
+    seed: int = 0
+    threads: int = 2
+
+    def __post_init__(self) -> None:
+        if self.variant not in VARIANTS:
+            raise InvalidInput(
+                f"unknown toy variant {self.variant!r}; use one of {', '.join(VARIANTS)}"
+            )

@@ -1,0 +1,65 @@
+"""Small pieces shared by stage commands: store and reporter from the global options,
+printing a finished run, parsing list options."""
+
+from __future__ import annotations
+
+import sys
+from contextlib import contextmanager
+from collections.abc import Iterator
+
+import typer
+
+from cwa_cli import _output
+from cwa_cli._progress import RichReporter
+from cwa_cli._state import CliState, state
+
+
+@contextmanager
+def reporter_for(ctx: typer.Context) -> Iterator[RichReporter]:
+    reporter = RichReporter(quiet=state(ctx).quiet)
+    try:
+        yield reporter
+    finally:
+        reporter.stop()
+
+
+def open_store(ctx: typer.Context):
+    from cwa.store import Store
+
+    return Store.open(state(ctx).store)
+
+
+def mlflow_flag(ctx: typer.Context) -> bool | None:
+    return state(ctx).mlflow
+
+
+def command_line() -> str:
+    return " ".join(["cwa", *sys.argv[1:]])
+
+
+def print_outcomes(ctx: typer.Context, outcomes, *, extra: dict | None = None) -> None:
+    """Run ids to stdout (one per line), or a JSON document with --json."""
+    st: CliState = state(ctx)
+    if st.json:
+        _output.emit_json(
+            {
+                "runs": [
+                    {"run_id": o.run_id, "stage": o.stage, "status": o.status,
+                     "metrics": o.metrics, "mlflow_run_id": o.mlflow_run_id,
+                     "artifacts": str(o.artifacts_dir)}
+                    for o in outcomes
+                ],
+                **(extra or {}),
+            }
+        )
+        return
+    for o in outcomes:
+        sys.stdout.write(o.run_id + "\n")
+    sys.stdout.flush()
+
+
+def print_choices(ctx: typer.Context, rows: list[tuple[str, str]], kind: str) -> None:
+    if state(ctx).json:
+        _output.emit_json([{"name": n, "description": d} for n, d in rows])
+    else:
+        _output.stdout.print(_output.table((kind, "description"), rows))
