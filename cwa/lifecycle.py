@@ -13,6 +13,7 @@ An exception marks the run ``failed`` with the error text, Ctrl-C (KeyboardInter
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import socket
 import time
@@ -91,6 +92,10 @@ class RunContext:
         path = self.artifacts_dir / name
         path.parent.mkdir(parents=True, exist_ok=True)
         return path
+
+    def record_config(self, **values: Any) -> None:
+        """Add effective settings discovered while computing (stored with the results)."""
+        self.request.config.update(values)
 
     def set_model(self, ref: str | None, fingerprint: str | None, device: str | None) -> None:
         self.model_ref = ref
@@ -196,9 +201,10 @@ def write_results(store: Store, ctx: RunContext, output: StageOutput, started: f
             con.executemany("INSERT INTO run_artifacts VALUES (?, ?, ?, ?, ?)", artifacts)
         con.execute(
             "UPDATE runs SET status = 'succeeded', finished_at = ?, duration_s = ?, "
-            "model_ref = ?, model_fingerprint = ?, device = ? WHERE run_id = ?",
+            "model_ref = ?, model_fingerprint = ?, device = ?, config = ? WHERE run_id = ?",
             [_now(), time.monotonic() - started, ctx.model_ref, ctx.model_fingerprint,
-             ctx.device, ctx.run_id],
+             ctx.device, json.dumps(ctx.request.config, sort_keys=True, default=str),
+             ctx.run_id],
         )
 
 

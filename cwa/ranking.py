@@ -238,68 +238,53 @@ def _rows(
     from cwa.models.architecture import COMPONENTS
 
     names = list(arch.params)
-    # Per-element component / head lookups, computed once per parameter that appears.
-    component_cache: dict[str, np.ndarray | str] = {}
-    head_cache: dict[str, np.ndarray | None] = {}
-    weight_cache: dict[str, torch.Tensor] = {}
-
-    def component_of(name: str, flat: int) -> str:
-        if name not in component_cache:
-            info = arch.params[name]
-            if len(info.components) == 1:
-                component_cache[name] = info.components[0]
-            else:
-                component_cache[name] = arch.component_ids(name).numpy().reshape(-1)
-        found = component_cache[name]
-        return found if isinstance(found, str) else COMPONENTS[int(found[flat])]
-
-    def head_of(name: str, flat: int) -> int | None:
-        if name not in head_cache:
-            info = arch.params[name]
-            head_cache[name] = arch.head_ids(name).numpy().reshape(-1) if _has_heads(info) else None
-        found = head_cache[name]
-        if found is None or int(found[flat]) < 0:
-            return None
-        return int(found[flat])
-
-    def weight_of(name: str, flat: int) -> float | None:
-        if weights is None:
-            return None
-        if name not in weight_cache:
-            if name not in weights:
-                raise InvalidInput(f"no weight tensor given for parameter {name!r}")
-            weight_cache[name] = weights[name].detach().reshape(-1)
-        return float(weight_cache[name][flat])
-
     rows: list[dict[str, Any]] = []
+    wanted: dict[int, list[int]] = {}  # parameter position -> indices into ``rows``
     for group_key, top in groups.items():
         label = _group_label(mode, group_key)
-        for rank, (key, position, flat) in enumerate(
-            zip(top.keys.tolist(), top.positions.tolist(), top.flats.tolist(), strict=True), start=1
-        ):
-            name = names[position]
-            info = arch.params[name]
-            shape = info.shape
-            if len(shape) >= 2:
-                inner = info.numel // shape[0]
-                row, column = flat // inner, flat % inner
+        ranked = zip(top.keys.tolist(), top.positions.tolist(), top.flats.tolist(), strict=True)
+        for rank, (key, position, flat) in enumerate(ranked, start=1):
+            info = arch.params[names[position]]
+            if len(info.shape) >= 2:
+                row, column = divmod(flat, info.numel // info.shape[0])
             else:
                 row, column = flat, None
+            wanted.setdefault(position, []).append(len(rows))
             rows.append(
                 {
                     "rank": rank,
-                    "parameter": name,
+                    "parameter": info.name,
                     "flat_index": flat,
                     "row": row,
                     "column": column,
                     "layer": info.layer,
-                    "component": component_of(name, flat),
-                    "head": head_of(name, flat),
+                    "component": info.components[0],
+                    "head": None,
                     "score": -key if bottom else key,
-                    "weight_value": weight_of(name, flat),
+                    "weight_value": None,
                     "group": label,
                 }
             )
+    # Per-element lookups, gathered once per parameter (one device transfer for weights).
+    for position, row_indices in wanted.items():
+        name = names[position]
+        info = arch.params[name]
+        flats = torch.tensor([rows[i]["flat_index"] for i in row_indices], dtype=torch.long)
+        if len(info.components) > 1:
+            ids = arch.component_ids(name).reshape(-1)[flats].tolist()
+            for i, component_id in zip(row_indices, ids, strict=True):
+                rows[i]["component"] = COMPONENTS[component_id]
+        if _has_heads(info):
+            heads = arch.head_ids(name).reshape(-1)[flats].tolist()
+            for i, head in zip(row_indices, heads, strict=True):
+                rows[i]["head"] = head if head >= 0 else None
+        if weights is not None:
+            if name not in weights:
+                raise InvalidInput(f"no weight tensor given for parameter {name!r}")
+            tensor = weights[name].detach()
+            values = tensor.reshape(-1)[flats.to(tensor.device)].float().cpu().tolist()
+            for i, value in zip(row_indices, values, strict=True):
+                rows[i]["weight_value"] = value
     return rows
 
 

@@ -12,7 +12,7 @@ from typing import Annotated
 import typer
 
 from cwa import __version__
-from cwa_cli import db, model, runs, sql, toy
+from cwa_cli import db, demo, evaluate, model, perturb, rank, run, runs, score, sql, toy
 from cwa_cli._state import CliState
 
 app = typer.Typer(
@@ -60,6 +60,12 @@ app.add_typer(db.app, name="db")
 app.add_typer(model.app, name="model")
 app.add_typer(toy.app, name="toy")
 app.command("sql")(sql.sql_cmd)
+app.command("score")(score.score_cmd)
+app.command("rank")(rank.rank_cmd)
+app.command("perturb")(perturb.perturb_cmd)
+app.command("evaluate")(evaluate.evaluate_cmd)
+app.command("run")(run.run_cmd)
+app.command("demo")(demo.demo_cmd)
 
 
 def main() -> None:

@@ -13,7 +13,7 @@ CREATE TABLE tensor_stats (
     p50                DOUBLE,
     p90                DOUBLE,
     p99                DOUBLE,
-    p999               DOUBLE,
+    p99_9              DOUBLE,
     sum                DOUBLE,
     top1pct_mass_share DOUBLE,                   -- share of the tensor's score mass in its top 1%
     zeros              BIGINT,
@@ -25,8 +25,10 @@ CREATE TABLE super_weights (
     run_id            VARCHAR NOT NULL,
     layer             INTEGER NOT NULL,
     parameter         VARCHAR NOT NULL,
-    row_index         BIGINT NOT NULL,           -- output channel of the down projection
-    column_index      BIGINT NOT NULL,           -- input channel of the down projection
+    row_index         BIGINT NOT NULL,           -- index into the weight tensor (dim 0)
+    column_index      BIGINT NOT NULL,           -- index into the weight tensor (dim 1)
+    input_channel     BIGINT NOT NULL,           -- input channel with the activation spike
+    output_channel    BIGINT NOT NULL,           -- output channel with the activation spike
     input_activation  DOUBLE,                    -- max |input| at that channel over calibration tokens
     output_activation DOUBLE,                    -- max |output| at that channel
     weight_value      DOUBLE

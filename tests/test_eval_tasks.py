@@ -573,3 +573,25 @@ def test_evaluation_leaves_the_model_untouched(tok, model, tmp_path):
     after = model.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before)
     assert all(p.grad is None for p in model.parameters())
+
+
+def test_batches_keep_an_items_endings_together():
+    from cwa.evaluation.engine import plan_batches
+
+    rng = random.Random(0)
+    requests = []
+    for item in range(11):
+        context = tuple(range(rng.randint(3, 30)))
+        for _ in range(4):
+            requests.append(TokenRequest(context, tuple(range(rng.randint(1, 6))), item))
+    batches = plan_batches(requests, 16)
+    assert sorted(i for b in batches for i in b) == list(range(len(requests)))
+    assert all(len(b) <= 16 for b in batches) and len(batches) == 3
+    for b in batches:  # whole items only
+        items = {requests[i].group for i in b}
+        assert sum(1 for r in requests if r.group in items) == len(b)
+    # longest contexts first
+    firsts = [min(len(requests[i].context) for i in b) for b in batches]
+    assert firsts == sorted(firsts, reverse=True)
+    # an item larger than the batch is split, nothing else is
+    assert [len(b) for b in plan_batches(requests[:8], 3)] == [3, 1, 3, 1]

@@ -241,3 +241,59 @@ def double_magnitude(ctx):
 
 double_magnitude.version = "7"  # type: ignore[attr-defined]
 double_magnitude.needs_data = False  # type: ignore[attr-defined]
+
+
+def test_bfloat16_scores_are_the_float32_scores_rounded(tmp_path):
+    model = tiny_gpt2()
+    arch = build_architecture_map(model)
+    _, _, batches = calibration()
+    full = score_model(model, batches, "grad_x_weight", arch=arch, out_path=tmp_path / "f")
+    half = score_model(
+        model, batches, "grad_x_weight", arch=arch, out_path=tmp_path / "h", score_dtype="bfloat16"
+    )
+    ours, reference = load_scores(half.score_path), load_scores(full.score_path)
+    for name, tensor in ours.items():
+        assert tensor.dtype == torch.bfloat16
+        assert torch.equal(tensor, reference[name].to(torch.bfloat16))
+    row = half.stats[0]
+    assert row["max"] == float(ours[row["parameter"]].float().max())
+
+
+def test_option_errors_are_clear(tmp_path):
+    from cwa.errors import InvalidInput
+
+    model = tiny_gpt2()
+    arch = build_architecture_map(model)
+    _, _, batches = calibration()
+    with pytest.raises(InvalidInput, match="--probes"):
+        score_model(model, batches, "grad_x_weight", arch=arch, out_path=tmp_path / "a", probes=4)
+    with pytest.raises(InvalidInput, match="micro_batch_size"):
+        score_model(
+            model, batches, "grad_squared", arch=arch, out_path=tmp_path / "b", options={"x": 1}
+        )
+    with pytest.raises(InvalidInput, match="calibration data"):
+        score_model(model, None, "wanda", arch=arch, out_path=tmp_path / "c")
+    with pytest.raises(InvalidInput, match="score dtype"):
+        score_model(model, None, "magnitude", arch=arch, out_path=tmp_path / "d", score_dtype="x")
+    assert not list(tmp_path.iterdir())
+
+
+def test_micro_batch_examples_are_stated_and_match_a_loop(tmp_path):
+    model = tiny_gpt2(seed=2)
+    arch = build_architecture_map(model)
+    ids, mask, batches = calibration()
+    outcome = score_model(
+        model, batches, "grad_squared", arch=arch, out_path=tmp_path / "s",
+        options={"micro_batch_size": 2},
+    )  # fmt: skip
+    assert outcome.config["example"] == "micro-batch of 2 sequences"
+    # Batches hold rows [0, 1] and [2, 3, 4]: examples are {0,1}, {2,3}, {4}.
+    model.eval()
+    params = [p for _, p in model.named_parameters()]
+    name = "transformer.h.1.attn.c_proj.weight"
+    index = [n for n, _ in model.named_parameters()].index(name)
+    expected = torch.zeros_like(params[index])
+    for rows in ([0, 1], [2, 3], [4]):
+        loss, _ = mean_nll(model, ids[rows], mask[rows])
+        expected += torch.autograd.grad(loss, params[index])[0] ** 2
+    torch.testing.assert_close(load_scores(outcome.score_path)[name], expected / 3)

@@ -122,28 +122,47 @@ def test_batches_split_gives_the_same_estimate(micro_setup, tmp_path):
     torch.testing.assert_close(parts, whole, rtol=1e-4, atol=1e-6)
 
 
-def test_single_probe_is_z_times_hessian_vector_product(micro_setup, tmp_path):
-    # One probe: the estimate is exactly z * Hz for one z over ALL parameters, so summing
-    # estimate * z recovers z^T H z computed here by an independent double backward.
-    model, ids, mask = micro_setup
-    _, single = estimate(model, ids, mask, 1, tmp_path / "one", seed=5)
+@pytest.mark.parametrize("components", [None, ["attn_q", "mlp_down"]])
+def test_single_probe_is_z_times_hessian_vector_product(micro_setup, tmp_path, components):
+    # One probe: the estimate is exactly z * Hz for ONE z over all selected weights (zero on
+    # elements outside the selection), checked against an independent double backward.
     from cwa.metrics.base import cpu_generator, rademacher  # the probe's documented seeding
 
+    model, ids, mask = micro_setup
+    arch = build_architecture_map(model)
+    batches = [{"input_ids": ids, "attention_mask": mask}]
+    outcome = score_model(model, batches, "hutchinson_diag", arch=arch, out_path=tmp_path / "p",
+                          probes=1, seed=5, components=components)  # fmt: skip
+    scores = load_scores(tmp_path / "p")
     names = [n for n, _ in model.named_parameters()]
     params = list(model.parameters())
-    z = [
-        rademacher(p.shape, cpu_generator(5, "hutchinson", 0, n))
-        for n, p in zip(names, params, strict=True)
-    ]
+    z = []
+    for name, param in zip(names, params, strict=True):
+        vector = rademacher(param.shape, cpu_generator(5, "hutchinson", 0, name))
+        scope = arch.scope_mask(name, components=components) if components else None
+        if name not in outcome.parameters:
+            vector = torch.zeros_like(vector)
+        elif scope is not None:
+            vector = vector * scope
+        z.append(vector)
     model.eval()
     logits = model(input_ids=ids, attention_mask=mask).logits
     logp = torch.log_softmax(logits, dim=-1)
     pairs = mask[:, :-1].bool() & mask[:, 1:].bool()
     loss = (-logp[:, :-1].gather(-1, ids[:, 1:, None])[..., 0])[pairs].mean()
     grads = torch.autograd.grad(loss, params, create_graph=True)
-    hz = torch.autograd.grad(sum((g * v).sum() for g, v in zip(grads, z, strict=True)), params)
-    expected = torch.cat([(v * h).reshape(-1) for v, h in zip(z, hz, strict=True)])
-    torch.testing.assert_close(single, expected, rtol=1e-4, atol=1e-6)
+    dot = sum((g * v).sum() for g, v in zip(grads, z, strict=True))
+    hz = torch.autograd.grad(dot, params)
+    for name, vector, product in zip(names, z, hz, strict=True):
+        if name not in outcome.parameters:
+            assert name not in scores
+            continue
+        expected = vector * product
+        scope = arch.scope_mask(name, components=components) if components else None
+        if scope is not None:  # out-of-scope elements are stored as NaN
+            assert torch.isnan(scores[name][~scope]).all()
+            expected = torch.where(scope, expected, scores[name])
+        torch.testing.assert_close(scores[name], expected, rtol=1e-4, atol=1e-6, equal_nan=True)
 
 
 def test_obd_is_half_diagonal_times_weight_squared(micro_setup, tmp_path):

@@ -174,11 +174,13 @@ def _wanda(ctx: ScoringContext) -> Iterator[tuple[str, torch.Tensor]]:
     )
     for name in plan:
         norms = sum_squares.pop(name).sqrt_()
-        weight = ctx.parameters[name].detach().float().abs()
+        score = ctx.parameters[name].detach().float().abs()
         if owners[name].input_axis == 1:  # Linear [out, in]
-            yield name, weight.mul_(norms[None, :])
+            score.mul_(norms[None, :])
         else:  # Conv1D [in, out]
-            yield name, weight.mul_(norms[:, None])
+            score.mul_(norms[:, None])
+        yield name, score
+        del score
 
 
 # -- super weights ------------------------------------------------------------------------------
@@ -264,14 +266,17 @@ def _super_weight(ctx: ScoringContext) -> Iterator[tuple[str, torch.Tensor]]:
         a, b = input_max.pop(name), output_max.pop(name)
         score = ctx.parameters[name].detach().float().abs()
         if owner.input_axis == 1:  # Linear [out, in]
-            yield name, score.mul_(b[:, None]).mul_(a[None, :])
+            score.mul_(b[:, None]).mul_(a[None, :])
         else:  # Conv1D [in, out]
-            yield name, score.mul_(a[:, None]).mul_(b[None, :])
+            score.mul_(a[:, None]).mul_(b[None, :])
+        yield name, score
+        del score
 
 
 WANDA = MetricSpec(
     name="wanda",
     version="1",
+    owns_output=True,
     description="|W_ij| * ||X_j||_2 over calibration tokens, for linear/Conv1D weights only",
     compute=_wanda,
     plan=_wanda_plan,
@@ -280,6 +285,7 @@ WANDA = MetricSpec(
 SUPER_WEIGHT = MetricSpec(
     name="super_weight",
     version="1",
+    owns_output=True,
     description="Yu et al. 2024 super weights: activation spikes at MLP down-projection in/out",
     compute=_super_weight,
     plan=_super_weight_plan,

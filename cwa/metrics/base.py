@@ -69,6 +69,9 @@ class MetricSpec:
     plan: PlanFn | None = None  # parameters it scores; default: every selected parameter
     needs_data: bool = True
     options: Mapping[str, Any] = field(default_factory=dict)  # allowed options and defaults
+    # True when every yielded tensor is a fresh buffer the metric never touches again: the
+    # driver may then sort it in place for the statistics after writing it (saves a copy).
+    owns_output: bool = False
 
     def planned(self, ctx: ScoringContext) -> list[str]:
         return list(ctx.selected) if self.plan is None else self.plan(ctx)
@@ -119,21 +122,30 @@ def cpu_generator(seed: int, *parts: object) -> torch.Generator:
     return torch.Generator(device="cpu").manual_seed(derived_seed(seed, *parts))
 
 
-_BIT_MASKS = torch.tensor([1, 2, 4, 8, 16, 32, 64, 128], dtype=torch.uint8)
+# Row b holds the 8 signs encoded by the bits of byte b (bit i -> entry i; set = +1, clear = -1).
+_SIGNS_OF_BYTE = ((torch.arange(256)[:, None] >> torch.arange(8)) & 1).float().mul_(2).sub_(1)
 
 
-def rademacher(shape: Sequence[int], generator: torch.Generator) -> torch.Tensor:
+def rademacher(
+    shape: Sequence[int], generator: torch.Generator, out: torch.Tensor | None = None
+) -> torch.Tensor:
     """A float32 CPU tensor of independent +-1 entries with probability 1/2 each.
 
-    Draws one random byte per 8 entries and expands its bits (measured ~2x faster than
-    ``randint(0, 2)`` and ~4x faster than ``bernoulli_``).
+    Draws one random byte per 8 entries and looks the 8 signs up in a table (one gather pass;
+    ~3x faster than ``randint(0, 2)`` then converting, ~5x faster than ``bernoulli_``).
+    ``out``: an optional float32 buffer of at least ``8 * ceil(numel / 8)`` elements to fill
+    instead of allocating (reused across probes).
     """
     n = 1
     for d in shape:
         n *= int(d)
-    random_bytes = torch.randint(0, 256, ((n + 7) // 8,), generator=generator, dtype=torch.uint8)
-    bits = (random_bytes[:, None] & _BIT_MASKS).ne_(0).view(-1)[:n]
-    return bits.to(torch.float32).mul_(2.0).sub_(1.0).view(*shape)
+    n_bytes = (n + 7) // 8
+    random_bytes = torch.randint(0, 256, (n_bytes,), generator=generator, dtype=torch.uint8)
+    if out is None:
+        out = torch.empty(n_bytes * 8, dtype=torch.float32)
+    rows = out[: n_bytes * 8].view(n_bytes, 8)
+    torch.index_select(_SIGNS_OF_BYTE, 0, random_bytes.long(), out=rows)
+    return out[:n].view(*shape)
 
 
 # -- calibration batches and the loss ---------------------------------------------------------

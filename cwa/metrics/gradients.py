@@ -69,6 +69,7 @@ def _grad_x_weight(ctx: ScoringContext) -> Iterator[tuple[str, torch.Tensor]]:
                 score = (param.detach().float() * grad.float()).abs_()
             del grad
             yield name, score
+            del score  # the driver has written it; do not hold it while building the next
 
 
 def _grad_squared(ctx: ScoringContext) -> Iterator[tuple[str, torch.Tensor]]:
@@ -130,6 +131,7 @@ def _grad_squared(ctx: ScoringContext) -> Iterator[tuple[str, torch.Tensor]]:
 GRAD_X_WEIGHT = MetricSpec(
     name="grad_x_weight",
     version="1",
+    owns_output=True,
     description="|w * dL/dw|, L = mean next-token NLL over all calibration tokens",
     compute=_grad_x_weight,
 )
@@ -137,6 +139,7 @@ GRAD_X_WEIGHT = MetricSpec(
 GRAD_SQUARED = MetricSpec(
     name="grad_squared",
     version="1",
+    owns_output=True,
     description="empirical Fisher diagonal: mean over sequences of squared per-sequence gradients",
     compute=_grad_squared,
     options={"micro_batch_size": 1},

@@ -68,16 +68,36 @@ def _second_backward(
     return list(torch.autograd.grad(dot, params, retain_graph=retain_graph, allow_unused=True))
 
 
-def _probe_vectors(ctx: ScoringContext, names: list[str], probe: int) -> list[torch.Tensor]:
-    vectors = []
-    for name in names:
-        param = ctx.parameters[name]
-        z = rademacher(param.shape, cpu_generator(ctx.seed, "hutchinson", probe, name))
-        mask = ctx.scope_masks.get(name)
-        if mask is not None:
-            z.mul_(mask.to(z.dtype))
-        vectors.append(z.to(device=param.device, dtype=param.dtype))
-    return vectors
+class _ProbeVectors:
+    """Rademacher probes drawn into buffers that are reused from probe to probe.
+
+    Probe ``p`` of parameter ``name`` is always drawn from a generator seeded by
+    (seed, "hutchinson", p, name), so batches see the same z for the same probe.
+    """
+
+    def __init__(self, ctx: ScoringContext, names: list[str]) -> None:
+        self._ctx = ctx
+        self._names = names
+        self._cpu: list[torch.Tensor | None] = [None] * len(names)
+        self._device: list[torch.Tensor | None] = [None] * len(names)
+
+    def draw(self, probe: int) -> list[torch.Tensor]:
+        vectors = []
+        for i, name in enumerate(self._names):
+            param = self._ctx.parameters[name]
+            if self._cpu[i] is None:
+                self._cpu[i] = torch.empty(-(-param.numel() // 8) * 8, dtype=torch.float32)
+            generator = cpu_generator(self._ctx.seed, "hutchinson", probe, name)
+            z = rademacher(param.shape, generator, out=self._cpu[i])
+            mask = self._ctx.scope_masks.get(name)
+            if mask is not None:
+                z.mul_(mask)
+            if param.device.type != "cpu" or param.dtype != torch.float32:
+                if self._device[i] is None:
+                    self._device[i] = torch.empty_like(param)
+                z = self._device[i].copy_(z)
+            vectors.append(z)
+        return vectors
 
 
 def hutchinson_diagonal(ctx: ScoringContext) -> Iterator[tuple[str, torch.Tensor]]:
@@ -98,7 +118,9 @@ def hutchinson_diagonal(ctx: ScoringContext) -> Iterator[tuple[str, torch.Tensor
     names = list(ctx.selected)
     params = [ctx.parameters[n] for n in names]
     device = ctx.device
-    estimates = [torch.zeros(p.shape, dtype=torch.float32, device=p.device) for p in params]
+    # Estimates start as the first product z * Hz, built in that product's own memory.
+    estimates: list[torch.Tensor | None] = [None] * len(params)
+    probe_vectors = _ProbeVectors(ctx, names)
     total = torch.zeros((), dtype=torch.float64)
     with gradients_only_for(ctx.model, params), double_backward_attention(ctx.model) as attn:
         ctx.config.update(
@@ -120,22 +142,31 @@ def hutchinson_diagonal(ctx: ScoringContext) -> Iterator[tuple[str, torch.Tensor
                 )
                 del nll, batch_sum
                 for probe in range(probes):
-                    vectors = _probe_vectors(ctx, names, probe)
+                    vectors = probe_vectors.draw(probe)
                     products = _second_backward(
                         grads, params, vectors, retain_graph=probe < probes - 1
                     )
-                    for estimate, z, hz in zip(estimates, vectors, products, strict=True):
-                        if hz is not None:
-                            estimate.addcmul_(z.float(), hz.float())
+                    for i, (z, hz) in enumerate(zip(vectors, products, strict=True)):
+                        if hz is None:
+                            continue
+                        z32 = z if z.dtype == torch.float32 else z.float()
+                        if estimates[i] is None:
+                            estimates[i] = hz.float().mul_(z32)
+                        else:
+                            estimates[i].addcmul_(z32, hz.float())
                     del vectors, products
                     handle.advance()
                 del grads
         finally:
             handle.close()
     ctx.loss, ctx.n_tokens, ctx.n_sequences = float(total / n_targets), n_targets, n_sequences
-    for i, name in enumerate(names):
-        estimate, estimates[i] = estimates[i], None  # type: ignore[call-overload]
+    del probe_vectors
+    for i, (name, param) in enumerate(zip(names, params, strict=True)):
+        estimate, estimates[i] = estimates[i], None
+        if estimate is None:  # the loss does not curve along this parameter at all
+            estimate = torch.zeros(param.shape, dtype=torch.float32, device=param.device)
         yield name, estimate.div_(probes)
+        del estimate
 
 
 def _obd(ctx: ScoringContext) -> Iterator[tuple[str, torch.Tensor]]:
@@ -148,6 +179,7 @@ def _obd(ctx: ScoringContext) -> Iterator[tuple[str, torch.Tensor]]:
 HUTCHINSON_DIAG = MetricSpec(
     name="hutchinson_diag",
     version="1",
+    owns_output=True,
     description=(
         "Hessian diagonal by Hutchinson: mean of z*Hz, one Rademacher z over all weights per probe"
     ),
@@ -158,6 +190,7 @@ HUTCHINSON_DIAG = MetricSpec(
 OBD = MetricSpec(
     name="obd",
     version="1",
+    owns_output=True,
     description="Optimal Brain Damage saliency 0.5 * diag(H) * w^2 (Hutchinson diagonal)",
     compute=_obd,
     options={"probes": 16},

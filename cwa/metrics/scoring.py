@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from cwa.errors import InvalidInput, NonFiniteError, UnsupportedArchitecture
@@ -162,38 +163,38 @@ def _resolve_options(
     return resolved
 
 
-def _finish_tensor(
-    name: str,
-    score: torch.Tensor,
-    mask: torch.Tensor | None,
-    dtype: torch.dtype,
-    metric: str,
-) -> tuple[torch.Tensor, dict[str, Any]]:
-    """Mask, check, cast one raw score tensor; returns (stored tensor, stats)."""
+def _prepare_tensor(
+    score: torch.Tensor, mask: torch.Tensor | None, dtype: torch.dtype
+) -> tuple[torch.Tensor, np.ndarray]:
+    """(tensor to store, its in-scope values as a flat float32 array) for one raw score."""
     score = score.detach().to(device="cpu", dtype=torch.float32)
-    bad = ~torch.isfinite(score)
-    if mask is not None:
-        bad &= mask
-    n_bad = int(bad.sum())
-    if n_bad:
-        raise NonFiniteError(
-            f"metric {metric!r} produced {n_bad} non-finite scores in {name!r}; check the model "
-            "weights or load it in float32 (--dtype float32)"
-        )
-    del bad
     if mask is not None:
         score = score.masked_fill(~mask, float("nan"))  # out of place: never touch a weight
-    stored = score.to(dtype)
-    del score
+    stored = score.to(dtype).contiguous()
     values = stored.float().numpy().reshape(-1)
     if mask is not None:
         values = values[mask.numpy().reshape(-1)]
-    stats = score_stats(values)
-    if stats["nonfinite"]:  # only possible through an overflowing cast
+    return stored, values
+
+
+def _tensor_stats(
+    name: str, values: np.ndarray, raw: torch.Tensor, owned: bool, dtype: torch.dtype, metric: str
+) -> dict[str, Any]:
+    """Statistics of the stored in-scope values; refuses non-finite ones (named tensor).
+
+    Finiteness is checked on the values as stored (an overflowing cast is caught too) by the
+    statistics pass itself, which sorts them anyway. The sort happens in place when
+    ``values`` is a copy made here or the metric owns ``raw``; by then it has been written.
+    """
+    aliases_raw = values.size > 0 and values.ctypes.data == raw.data_ptr()
+    stats = score_stats(values, overwrite=owned or not aliases_raw)
+    if stats["nonfinite"]:
         raise NonFiniteError(
-            f"scores of {name!r} overflow the score dtype {dtype}; use --score-dtype float32"
+            f"metric {metric!r} produced {stats['nonfinite']} non-finite scores in {name!r} "
+            f"(stored as {str(dtype).removeprefix('torch.')}); check the model weights, load "
+            "it in float32 (--dtype float32) or use --score-dtype float32"
         )
-    return stored, stats
+    return stats
 
 
 def score_model(
@@ -232,6 +233,8 @@ def score_model(
     batches = list(batches) if batches is not None else None
     if spec.needs_data and not batches:
         raise InvalidInput(f"metric {spec.name!r} needs calibration data; pass --data")
+    layers = None if layers is None else sorted({int(x) for x in layers})
+    components = _expanded_components(components)
     selection = resolve_selection(model, arch, layers, components)
     parameters = dict(model.named_parameters())
     config: dict[str, Any] = {
@@ -239,8 +242,8 @@ def score_model(
         "metric_version": spec.version,
         "seed": int(seed),
         "score_dtype": score_dtype,
-        "layers": None if layers is None else sorted({int(x) for x in layers}),
-        "components": _expanded_components(components),
+        "layers": layers,
+        "components": components,
         **resolved_options,
     }
     ctx = ScoringContext(
@@ -261,20 +264,20 @@ def score_model(
         entries = [(name, tuple(parameters[name].shape)) for name in plan]
         metadata = {
             "format": SCORE_FILE_FORMAT,
-            "config": json.dumps(config, sort_keys=True),
+            "config": json.dumps(config, sort_keys=True, default=str),
         }
         handle = reporter.task(f"{spec.name}: tensors", len(plan))
+        produced = iter(spec.compute(ctx))
         try:
             with ScoreFileWriter(out_path, entries, score_dtype, metadata) as writer:
-                for name, raw in spec.compute(ctx):
+                for name, raw in produced:
                     if name not in ctx.scope_masks:
                         raise InvalidInput(f"metric {spec.name!r} scored unselected {name!r}")
-                    stored, stats = _finish_tensor(
-                        name, raw, ctx.scope_masks[name], dtype, spec.name
-                    )
-                    del raw
+                    stored, values = _prepare_tensor(raw, ctx.scope_masks[name], dtype)
                     writer.write(name, stored)
                     del stored
+                    stats = _tensor_stats(name, values, raw, spec.owns_output, dtype, spec.name)
+                    del raw, values
                     info = arch.params[name]
                     stats_rows.append(
                         {
@@ -287,6 +290,9 @@ def score_model(
                     handle.advance()
         finally:
             handle.close()
+            close = getattr(produced, "close", None)
+            if close is not None:  # run the metric's cleanup (grad flags) now, not at GC
+                close()
         if ctx.loss is None and batches:
             ctx.loss, ctx.n_tokens = calibration_loss(model, batches, reporter)
             ctx.n_sequences = count_targets(batches)[1]

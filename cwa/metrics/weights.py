@@ -27,6 +27,7 @@ def _random(ctx: ScoringContext) -> Iterator[tuple[str, torch.Tensor]]:
 MAGNITUDE = MetricSpec(
     name="magnitude",
     version="1",
+    owns_output=True,
     description="absolute weight value |w| (no data needed)",
     compute=_magnitude,
     needs_data=False,
@@ -35,6 +36,7 @@ MAGNITUDE = MetricSpec(
 RANDOM = MetricSpec(
     name="random",
     version="1",
+    owns_output=True,
     description="seeded uniform [0, 1) scores (sanity baseline)",
     compute=_random,
     needs_data=False,

@@ -1,0 +1,113 @@
+"""The ``evaluate`` stage: perplexity, HellaSwag and LAMBADA on a plain model.
+
+Results go to the ``evaluations`` table (condition NULL). A task whose exact config (same model
+fingerprint, same task config hash) was already evaluated in this store is reused rather than
+recomputed, unless ``force`` is set; reused rows name the run they came from.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from cwa.errors import UsageError
+from cwa.lifecycle import RunContext, RunOutcome, StageOutput, StageRequest, execute_stage
+from cwa.progress import Reporter
+from cwa.stages.common import ModelOptions, check_positive, is_toy_ref, load_for_run
+from cwa.stages.common import stored_evaluation
+from cwa.store import Store
+from cwa.store.runs import fetch_run, resolve_run_id
+
+DEFAULT_TASKS = "perplexity,hellaswag,lambada"
+
+
+@dataclass
+class EvaluateConfig:
+    model: ModelOptions = field(default_factory=ModelOptions)
+    from_run: str | None = None  # evaluate the model another run used
+    tasks: str = DEFAULT_TASKS
+    limit: int | None = None
+    batch_size: int = 16
+    seed: int = 0
+    seq_len: int | None = None
+    stride: int | None = None
+    text_column: str | None = None
+    force: bool = False
+    experiment: str = "default"
+    command: str | None = None
+
+
+def evaluate_tasks(
+    ctx: RunContext,
+    loaded: Any,
+    config: EvaluateConfig,
+    *,
+    store: Store,
+    reporter: Reporter,
+) -> list[dict[str, Any]]:
+    """Rows for every task: reused from the store when possible, computed otherwise."""
+    from cwa.evaluation.runner import evaluate_model
+    from cwa.evaluation.tasks import plan_tasks
+
+    plans = plan_tasks(
+        config.tasks,
+        limit=config.limit,
+        seed=config.seed,
+        seq_len=config.seq_len,
+        stride=config.stride,
+        is_toy_model=is_toy_ref(config.model.ref),
+        text_column=config.text_column,
+    )
+    rows: list[dict[str, Any]] = []
+    for plan in plans:
+        stored = None if config.force else stored_evaluation(store, loaded.fingerprint,
+                                                             plan.config_hash)
+        if stored is not None:
+            source_run, stored_rows = stored
+            reporter.info(f"{plan.task}: reusing results of run {source_run} (use --force to "
+                          "recompute)")
+            for row in stored_rows:
+                rows.append({**row, "reused_from": source_run})
+            continue
+        for row in evaluate_model(loaded.model, loaded.tokenizer, [plan],
+                                  batch_size=config.batch_size, reporter=reporter):
+            rows.append({**row, "reused_from": None})
+    for row in rows:
+        row["condition_id"] = None
+        row["model_fingerprint"] = loaded.fingerprint
+    return rows
+
+
+def run_evaluate(
+    store: Store, config: EvaluateConfig, *, reporter: Reporter | None = None,
+    mlflow: bool | None = None,
+) -> RunOutcome:
+    check_positive("batch-size", config.batch_size)
+    if config.limit is not None:
+        check_positive("limit", config.limit)
+    parents: list[tuple[str, str]] = []
+    if config.from_run is not None:
+        with store.read() as con:
+            run_id = resolve_run_id(con, config.from_run, store_label=store.label)
+            source = fetch_run(con, run_id)
+        if not source.model_ref:
+            raise UsageError(f"run {run_id} records no model; pass --model instead")
+        config.model.ref = source.model_ref
+        parents.append((run_id, "model"))
+    request = StageRequest(
+        stage="evaluate",
+        config=asdict(config),
+        experiment=config.experiment,
+        parents=parents,
+        model_ref=config.model.ref,
+        seed=config.seed,
+        command=config.command,
+    )
+
+    def compute(ctx: RunContext) -> StageOutput:
+        loaded = load_for_run(ctx, config.model)
+        rows = evaluate_tasks(ctx, loaded, config, store=store, reporter=ctx.reporter)
+        metrics = {f"{r['task']}.{r['metric']}": r["value"] for r in rows}
+        return StageOutput(tables={"evaluations": rows}, metrics=metrics, value=rows)
+
+    return execute_stage(store, request, compute, reporter=reporter, mlflow=mlflow)

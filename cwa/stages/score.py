@@ -1,0 +1,134 @@
+"""The ``score`` stage: per-weight sensitivity scores, one run per seed.
+
+Each run stores the full score tensors as ``scores.safetensors`` in its artifacts folder
+(written tensor by tensor), per-tensor statistics in ``tensor_stats``, super-weight candidates
+in ``super_weights`` (for that metric), and the calibration loss and token count as metrics.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from cwa.errors import InvalidInput
+from cwa.lifecycle import RunContext, RunOutcome, StageOutput, StageRequest, execute_stage
+from cwa.progress import NULL_REPORTER, Reporter
+from cwa.stages.common import ModelOptions, check_positive
+from cwa.store import Store
+
+SCORE_FILE = "scores.safetensors"
+# Metrics whose second-order backward pass needs eager attention.
+_DOUBLE_BACKWARD = {"hutchinson_diag", "obd"}
+
+
+@dataclass
+class DataOptions:
+    source: str = "toy"
+    text_column: str | None = None
+    n_samples: int = 32
+    seq_len: int = 128
+    batch_size: int = 8
+
+
+@dataclass
+class ScoreConfig:
+    model: ModelOptions = field(default_factory=ModelOptions)
+    metric: str = "grad_x_weight"
+    data: DataOptions = field(default_factory=DataOptions)
+    seeds: list[int] = field(default_factory=lambda: [0])
+    layers: list[int] | None = None
+    components: list[str] | None = None
+    probes: int | None = None
+    score_dtype: str = "float32"
+    options: dict[str, Any] = field(default_factory=dict)
+    experiment: str = "default"
+    command: str | None = None
+
+
+def calibration_batches(loaded: Any, data: DataOptions, seed: int) -> list[dict[str, Any]]:
+    from cwa.data.text import batches_from_blocks, load_texts, token_blocks
+
+    texts = load_texts(data.source, text_column=data.text_column, role="calibration")
+    blocks = token_blocks(loaded.tokenizer, texts, seq_len=data.seq_len,
+                          n_samples=data.n_samples, seed=seed, role="calibration")
+    return batches_from_blocks(blocks, data.batch_size)
+
+
+def _validate(config: ScoreConfig) -> None:
+    from cwa.metrics import get_metric
+
+    get_metric(config.metric)  # unknown metric: registry error before anything is loaded
+    check_positive("n-samples", config.data.n_samples)
+    check_positive("seq-len", config.data.seq_len, 2)
+    check_positive("batch-size", config.data.batch_size)
+    if config.probes is not None:
+        check_positive("probes", config.probes)
+    if not config.seeds:
+        raise InvalidInput("--seeds is empty; give at least one seed")
+
+
+def run_score(
+    store: Store, config: ScoreConfig, *, reporter: Reporter | None = None,
+    mlflow: bool | None = None,
+) -> list[RunOutcome]:
+    """Score the model once per seed; returns one outcome per seed, in seed order."""
+    from cwa.models.loading import load_model
+
+    reporter = reporter or NULL_REPORTER
+    _validate(config)
+    attn = "eager" if config.metric in _DOUBLE_BACKWARD else None
+    loaded = load_model(config.model.ref, dtype=config.model.dtype, device=config.model.device,
+                        trust_remote_code=config.model.trust_remote_code,
+                        attn_implementation=attn, reporter=reporter)
+    outcomes = []
+    for seed in config.seeds:
+        outcomes.append(_score_one(store, config, loaded, seed, reporter, mlflow))
+    return outcomes
+
+
+def _score_one(store: Store, config: ScoreConfig, loaded: Any, seed: int, reporter: Reporter,
+               mlflow: bool | None) -> RunOutcome:
+    run_config = asdict(config)
+    run_config.pop("seeds")
+    run_config.pop("command")
+    run_config["seed"] = seed
+    request = StageRequest(stage="score", config=run_config, experiment=config.experiment,
+                           model_ref=config.model.ref, seed=seed, command=config.command)
+
+    def compute(ctx: RunContext) -> StageOutput:
+        from cwa.metrics import get_metric
+        from cwa.metrics.scoring import score_model
+
+        ctx.set_model(config.model.ref, loaded.fingerprint, loaded.device)
+        spec = get_metric(config.metric)
+        batches = calibration_batches(loaded, config.data, seed) if config.data.source else None
+        outcome = score_model(
+            loaded.model, batches if (spec.needs_data or batches) else None, spec,
+            arch=loaded.arch, out_path=ctx.artifact_path(SCORE_FILE, kind="scores"),
+            layers=config.layers, components=config.components, probes=config.probes,
+            seed=seed, score_dtype=config.score_dtype, options=config.options,
+            reporter=ctx.reporter,
+        )
+        ctx.record_config(metric_config=outcome.config)
+        tables: dict[str, Any] = {"tensor_stats": outcome.stats_frame()}
+        supers = outcome.extra_tables.get("super_weights") or []
+        if supers:
+            tables["super_weights"] = [
+                {"layer": r["layer"], "parameter": r["parameter"], "row_index": r["row"],
+                 "column_index": r["column"], "input_channel": r["input_channel"],
+                 "output_channel": r["output_channel"],
+                 "input_activation": r["input_activation"],
+                 "output_activation": r["output_activation"], "weight_value": r["weight_value"]}
+                for r in supers
+            ]
+        metrics = {
+            "n_tensors": float(len(outcome.parameters)),
+            "n_scored": float(sum(s["numel"] for s in outcome.stats)),
+        }
+        if outcome.loss is not None:
+            metrics["calibration_loss"] = float(outcome.loss)
+        if outcome.n_tokens is not None:
+            metrics["calibration_tokens"] = float(outcome.n_tokens)
+        return StageOutput(tables=tables, metrics=metrics, value=outcome)
+
+    return execute_stage(store, request, compute, reporter=reporter, mlflow=mlflow)

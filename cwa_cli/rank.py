@@ -1,0 +1,57 @@
+"""``cwa rank``: top-k weights of a score run."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import typer
+
+from cwa_cli import _output
+from cwa_cli._boundary import error_boundary
+from cwa_cli._common import command_line, mlflow_flag, open_store, print_outcomes, reporter_for
+from cwa_cli._options import ComponentsOpt, LayersOpt
+from cwa_cli._state import state
+
+
+@error_boundary
+def rank_cmd(
+    ctx: typer.Context,
+    score_run: Annotated[str, typer.Argument(
+        help="Score run id, prefix, or 'latest' (the newest score run).")] = "latest",
+    topk: Annotated[int, typer.Option("--topk", "-k", help="Weights per group.")] = 100,
+    mode: Annotated[str, typer.Option(
+        "--mode", help="global, layer, tensor, head or component.")] = "global",
+    bottom: Annotated[bool, typer.Option(
+        "--bottom", help="The least sensitive weights instead.")] = False,
+    layers: LayersOpt = None,
+    components: ComponentsOpt = None,
+    export: Annotated[str | None, typer.Option(
+        "--export", help="Also write the rows to a .csv or .parquet file.")] = None,
+    show: Annotated[int, typer.Option("--show", help="Rows to print (0: none).")] = 10,
+    experiment: Annotated[str | None, typer.Option(
+        "--experiment", "-e", help="Label (default: the score run's).")] = None,
+) -> None:
+    """Rank the weights of a score run; prints the rank run id and the top rows.
+
+    Examples:
+      cwa rank latest --topk 1000
+      cwa rank 01J9Z3 --mode head -k 20 --components attn_q,attn_k,attn_v
+      cwa rank latest -k 100 --export top_weights.csv
+    """
+    from cwa.parsing import parse_int_list, parse_name_list
+    from cwa.stages.rank import RankConfig, run_rank
+
+    config = RankConfig(
+        score_run=score_run, topk=topk, mode=mode, bottom=bottom,
+        layers=parse_int_list(layers, what="layer"), components=parse_name_list(components),
+        export=export, experiment=experiment, command=command_line(),
+    )
+    with reporter_for(ctx) as reporter:
+        outcome = run_rank(open_store(ctx), config, reporter=reporter, mlflow=mlflow_flag(ctx))
+    print_outcomes(ctx, [outcome])
+    frame = outcome.value
+    if show > 0 and not state(ctx).json and frame is not None and frame.height:
+        columns = ["group_key", "rank", "parameter", "row_index", "column_index", "layer",
+                   "component", "head", "score", "weight_value"]
+        head = frame.select(columns).head(show)
+        _output.stderr.print(_output.table(columns, head.rows(), title="top rows"))
