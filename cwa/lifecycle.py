@@ -178,8 +178,15 @@ def write_results(store: Store, ctx: RunContext, output: StageOutput, started: f
     if folder.exists():
         for path in sorted(p for p in folder.rglob("*") if p.is_file()):
             name = path.relative_to(folder).as_posix()
-            artifacts.append((ctx.run_id, name, ctx.artifact_kinds.get(name, _guess_kind(name)),
-                              path.stat().st_size, _sha256(path)))
+            artifacts.append(
+                (
+                    ctx.run_id,
+                    name,
+                    ctx.artifact_kinds.get(name, _guess_kind(name)),
+                    path.stat().st_size,
+                    _sha256(path),
+                )
+            )
     with store.write() as con:
         for table, rows in output.tables.items():
             if rows is None or (isinstance(rows, list) and not rows):
@@ -202,9 +209,15 @@ def write_results(store: Store, ctx: RunContext, output: StageOutput, started: f
         con.execute(
             "UPDATE runs SET status = 'succeeded', finished_at = ?, duration_s = ?, "
             "model_ref = ?, model_fingerprint = ?, device = ?, config = ? WHERE run_id = ?",
-            [_now(), time.monotonic() - started, ctx.model_ref, ctx.model_fingerprint,
-             ctx.device, json.dumps(ctx.request.config, sort_keys=True, default=str),
-             ctx.run_id],
+            [
+                _now(),
+                time.monotonic() - started,
+                ctx.model_ref,
+                ctx.model_fingerprint,
+                ctx.device,
+                json.dumps(ctx.request.config, sort_keys=True, default=str),
+                ctx.run_id,
+            ],
         )
 
 
@@ -257,8 +270,9 @@ def execute_stage(
     try:
         output = compute(ctx)
         if not isinstance(output, StageOutput):
-            raise TypeError(f"stage {request.stage} returned {type(output).__name__}, "
-                            "not StageOutput")
+            raise TypeError(
+                f"stage {request.stage} returned {type(output).__name__}, not StageOutput"
+            )
         write_results(store, ctx, output, started)
     except KeyboardInterrupt:
         _finish(store, record.run_id, "interrupted", started, "interrupted by the user (Ctrl-C)")

@@ -66,7 +66,7 @@ def mirror_run(store: Store, run_id: str, *, reporter: Reporter | None = None) -
 def _mirror(store: Store, run_id: str) -> str:
     for name in ("alembic", "mlflow"):
         logging.getLogger(name).setLevel(logging.WARNING)
-    from mlflow.entities import Metric, Param, RunTag
+    from mlflow.entities import Metric, Param
     from mlflow.tracking import MlflowClient
 
     with store.read() as con:
@@ -110,9 +110,7 @@ def _mirror(store: Store, run_id: str) -> str:
     mlflow_run_id = mlrun.info.run_id
     params = [Param(k, v) for k, v in sorted(flatten_config(run.config).items())]
     metric_objs = [
-        Metric(name, float(value), start_ms or 0, 0)
-        for name, value in metrics
-        if value is not None
+        Metric(name, float(value), start_ms or 0, 0) for name, value in metrics if value is not None
     ]
     for i in range(0, max(len(params), len(metric_objs), 1), _BATCH):
         client.log_batch(

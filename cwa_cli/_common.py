@@ -4,8 +4,8 @@ printing a finished run, parsing list options."""
 from __future__ import annotations
 
 import sys
-from contextlib import contextmanager
 from collections.abc import Iterator
+from contextlib import contextmanager
 
 import typer
 
@@ -44,9 +44,14 @@ def print_outcomes(ctx: typer.Context, outcomes, *, extra: dict | None = None) -
         _output.emit_json(
             {
                 "runs": [
-                    {"run_id": o.run_id, "stage": o.stage, "status": o.status,
-                     "metrics": o.metrics, "mlflow_run_id": o.mlflow_run_id,
-                     "artifacts": str(o.artifacts_dir)}
+                    {
+                        "run_id": o.run_id,
+                        "stage": o.stage,
+                        "status": o.status,
+                        "metrics": o.metrics,
+                        "mlflow_run_id": o.mlflow_run_id,
+                        "artifacts": str(o.artifacts_dir),
+                    }
                     for o in outcomes
                 ],
                 **(extra or {}),

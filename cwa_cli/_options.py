@@ -27,12 +27,8 @@ ModelOpt = Annotated[
     str,
     typer.Option("--model", "-m", help="Hugging Face name, local folder, or 'toy' / 'toy-llama'."),
 ]
-DtypeOpt = Annotated[
-    str, typer.Option("--dtype", help="auto, float32, bfloat16 or float16.")
-]
-DeviceOpt = Annotated[
-    str, typer.Option("--device", help="auto, cpu, cuda, cuda:N or mps.")
-]
+DtypeOpt = Annotated[str, typer.Option("--dtype", help="auto, float32, bfloat16 or float16.")]
+DeviceOpt = Annotated[str, typer.Option("--device", help="auto, cpu, cuda, cuda:N or mps.")]
 TrustRemoteCodeOpt = Annotated[
     bool,
     typer.Option("--trust-remote-code", help="Allow model code from the hub (off by default)."),
@@ -59,6 +55,8 @@ LayersOpt = Annotated[
 ]
 ComponentsOpt = Annotated[
     str | None,
-    typer.Option("--components", help="Components, e.g. 'attn_q,mlp_down' (see cwa model inspect)."),
+    typer.Option(
+        "--components", help="Components, e.g. 'attn_q,mlp_down' (see cwa model inspect)."
+    ),
 ]
 ListOpt = Annotated[bool, typer.Option("--list", help="List the available choices and exit.")]

@@ -16,11 +16,12 @@ from cwa_cli.run import report
 @error_boundary
 def demo_cmd(
     ctx: typer.Context,
-    seeds: Annotated[str, typer.Option("--seeds", help="Seeds of the random controls.")]
-    = "0,1,2",
+    seeds: Annotated[str, typer.Option("--seeds", help="Seeds of the random controls.")] = "0,1,2",
     limit: Annotated[int, typer.Option("--limit", help="Items per task.")] = 200,
-    out_dir: Annotated[str | None, typer.Option(
-        "--out-dir", help="Also export files (top_weights.csv, results, manifest).")] = None,
+    out_dir: Annotated[
+        str | None,
+        typer.Option("--out-dir", help="Also export files (top_weights.csv, results, manifest)."),
+    ] = None,
 ) -> None:
     """Score -> rank -> evaluate -> perturb on the toy model (offline, a few minutes on a CPU).
 
@@ -31,8 +32,9 @@ def demo_cmd(
     from cwa.parsing import parse_seeds
     from cwa.stages.pipeline import demo_config, run_demo
 
-    config = demo_config(seeds=parse_seeds(seeds), out_dir=out_dir, command=command_line(),
-                         limit=limit)
+    config = demo_config(
+        seeds=parse_seeds(seeds), out_dir=out_dir, command=command_line(), limit=limit
+    )
     store = open_store(ctx)
     with reporter_for(ctx) as reporter:
         result = run_demo(store, config, reporter=reporter, mlflow=mlflow_flag(ctx))
@@ -41,9 +43,9 @@ def demo_cmd(
         db = store.path.resolve()
         _output.stderr.print(
             "\nNext:\n"
-            f"  cwa sql \"SELECT selection, task, metric, avg(value), avg(ratio) FROM "
+            f'  cwa sql "SELECT selection, task, metric, avg(value), avg(ratio) FROM '
             f"perturbation_effects WHERE run_id = '{result.perturb.run_id}' GROUP BY ALL "
-            "ORDER BY ALL\"\n"
+            'ORDER BY ALL"\n'
             f"  cwa runs show {result.perturb.run_id}\n"
             f"  mlflow ui --backend-store-uri sqlite:///{db}/mlflow.db",
             highlight=False,

@@ -10,7 +10,13 @@ from cwa_cli import _output
 from cwa_cli._boundary import error_boundary
 from cwa_cli._common import command_line, mlflow_flag, open_store, print_choices, reporter_for
 from cwa_cli._options import (
-    BatchSizeOpt, DeviceOpt, DtypeOpt, ExperimentLabelOpt, ListOpt, SeedOpt, TextColumnOpt,
+    BatchSizeOpt,
+    DeviceOpt,
+    DtypeOpt,
+    ExperimentLabelOpt,
+    ListOpt,
+    SeedOpt,
+    TextColumnOpt,
     TrustRemoteCodeOpt,
 )
 from cwa_cli._state import state
@@ -19,26 +25,45 @@ from cwa_cli._state import state
 @error_boundary
 def evaluate_cmd(
     ctx: typer.Context,
-    run: Annotated[str | None, typer.Argument(
-        help="Evaluate the model of this run instead of --model.", show_default=False)] = None,
-    model: Annotated[str | None, typer.Option("--model", "-m",
-                                               help="Model name, folder or 'toy'.")] = None,
-    tasks: Annotated[str, typer.Option(
-        "--tasks", "-t",
-        help="Comma-separated TASK[:SOURCE]; SOURCE is toy, a local file, or hf.")]
-    = "perplexity,hellaswag,lambada",
-    limit: Annotated[int | None, typer.Option(
-        "--limit", help="Evaluate a seeded random subset of N items per task.")] = None,
+    run: Annotated[
+        str | None,
+        typer.Argument(
+            help="Evaluate the model of this run instead of --model.", show_default=False
+        ),
+    ] = None,
+    model: Annotated[
+        str | None, typer.Option("--model", "-m", help="Model name, folder or 'toy'.")
+    ] = None,
+    tasks: Annotated[
+        str,
+        typer.Option(
+            "--tasks",
+            "-t",
+            help="Comma-separated TASK[:SOURCE]; SOURCE is toy, a local file, or hf.",
+        ),
+    ] = "perplexity,hellaswag,lambada",
+    limit: Annotated[
+        int | None,
+        typer.Option("--limit", help="Evaluate a seeded random subset of N items per task."),
+    ] = None,
     batch_size: BatchSizeOpt = 16,
     seed: SeedOpt = 0,
-    seq_len: Annotated[int | None, typer.Option(
-        "--seq-len", help="Perplexity window (default: the model's context, at most 1024).")]
-    = None,
-    stride: Annotated[int | None, typer.Option(
-        "--stride", help="Sliding-window perplexity with this stride.")] = None,
+    seq_len: Annotated[
+        int | None,
+        typer.Option(
+            "--seq-len", help="Perplexity window (default: the model's context, at most 1024)."
+        ),
+    ] = None,
+    stride: Annotated[
+        int | None, typer.Option("--stride", help="Sliding-window perplexity with this stride.")
+    ] = None,
     text_column: TextColumnOpt = None,
-    force: Annotated[bool, typer.Option(
-        "--force", help="Recompute even if this model and task config were evaluated.")] = False,
+    force: Annotated[
+        bool,
+        typer.Option(
+            "--force", help="Recompute even if this model and task config were evaluated."
+        ),
+    ] = False,
     experiment: ExperimentLabelOpt = "default",
     dtype: DtypeOpt = "auto",
     device: DeviceOpt = "auto",
@@ -65,19 +90,32 @@ def evaluate_cmd(
     if (run is None) == (model is None):
         raise UsageError("pass either --model MODEL or a RUN whose model to evaluate")
     config = EvaluateConfig(
-        model=ModelOptions(model or "", dtype, device, trust_remote_code), from_run=run,
-        tasks=tasks, limit=limit, batch_size=batch_size, seed=seed, seq_len=seq_len,
-        stride=stride, text_column=text_column, force=force, experiment=experiment,
+        model=ModelOptions(model or "", dtype, device, trust_remote_code),
+        from_run=run,
+        tasks=tasks,
+        limit=limit,
+        batch_size=batch_size,
+        seed=seed,
+        seq_len=seq_len,
+        stride=stride,
+        text_column=text_column,
+        force=force,
+        experiment=experiment,
         command=command_line(),
     )
     with reporter_for(ctx) as reporter:
-        outcome = run_evaluate(open_store(ctx), config, reporter=reporter,
-                               mlflow=mlflow_flag(ctx))
+        outcome = run_evaluate(open_store(ctx), config, reporter=reporter, mlflow=mlflow_flag(ctx))
     rows = outcome.value
     if state(ctx).json:
         _output.emit_json({"run_id": outcome.run_id, "results": rows})
         return
-    _output.stdout.print(_output.table(
-        ("task", "metric", "value", "stderr", "n", "reused from"),
-        [(r["task"], r["metric"], r["value"], r["stderr"], r["n"], r["reused_from"])
-         for r in rows], title=f"evaluate run {outcome.run_id}"))
+    _output.stdout.print(
+        _output.table(
+            ("task", "metric", "value", "stderr", "n", "reused from"),
+            [
+                (r["task"], r["metric"], r["value"], r["stderr"], r["n"], r["reused_from"])
+                for r in rows
+            ],
+            title=f"evaluate run {outcome.run_id}",
+        )
+    )

@@ -51,8 +51,9 @@ def root(
         typer.Option("--version", callback=_version, is_eager=True, help="Print the version."),
     ] = False,
 ) -> None:
-    ctx.obj = CliState(store=store, json=json_output, quiet=quiet,
-                       mlflow=False if no_mlflow else None)
+    ctx.obj = CliState(
+        store=store, json=json_output, quiet=quiet, mlflow=False if no_mlflow else None
+    )
 
 
 app.add_typer(runs.app, name="runs")

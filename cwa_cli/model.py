@@ -30,8 +30,13 @@ def inspect_cmd(
     from cwa.models.loading import load_model
 
     with reporter_for(ctx) as reporter:
-        loaded = load_model(model, dtype=dtype, device=device,
-                            trust_remote_code=trust_remote_code, reporter=reporter)
+        loaded = load_model(
+            model,
+            dtype=dtype,
+            device=device,
+            trust_remote_code=trust_remote_code,
+            reporter=reporter,
+        )
     info = inspect_model(loaded)
     if state(ctx).json:
         _output.emit_json(info)

@@ -9,7 +9,12 @@ import typer
 from cwa_cli import _output
 from cwa_cli._boundary import error_boundary
 from cwa_cli._common import (
-    command_line, mlflow_flag, open_store, print_choices, print_outcomes, reporter_for,
+    command_line,
+    mlflow_flag,
+    open_store,
+    print_choices,
+    print_outcomes,
+    reporter_for,
 )
 from cwa_cli._options import ComponentsOpt, DeviceOpt, LayersOpt, ListOpt
 from cwa_cli._state import state
@@ -18,37 +23,57 @@ from cwa_cli._state import state
 @error_boundary
 def perturb_cmd(
     ctx: typer.Context,
-    rank_run: Annotated[str, typer.Argument(
-        help="Rank run id, prefix, or 'latest' (the newest rank run).")] = "latest",
-    method: Annotated[str, typer.Option(
-        "--method", help="zero, sign_flip, scale, gaussian_noise or bit_flip.")] = "sign_flip",
-    scale: Annotated[float | None, typer.Option(
-        "--scale", help="Factor for scale; noise level (x tensor std) for gaussian_noise.")]
-    = None,
-    scales: Annotated[str | None, typer.Option(
-        "--scales", help="Several scales for a damage curve, e.g. '0.5,1,2'.")] = None,
-    bit: Annotated[int | None, typer.Option(
-        "--bit", help="Bit to flip (bit_flip; default: the top exponent bit).")] = None,
-    controls: Annotated[str, typer.Option(
-        "--controls", help="Control selections: random_k, bottom_k, all_k ('' for none).")]
-    = "random_k,bottom_k",
-    seeds: Annotated[str, typer.Option("--seeds", help="Seeds for random controls / noise.")]
-    = "0",
-    k_values: Annotated[str | None, typer.Option(
-        "--k-values", help="Numbers of weights for a progressive sweep, e.g. '10,100,1000'.")]
-    = None,
+    rank_run: Annotated[
+        str, typer.Argument(help="Rank run id, prefix, or 'latest' (the newest rank run).")
+    ] = "latest",
+    method: Annotated[
+        str, typer.Option("--method", help="zero, sign_flip, scale, gaussian_noise or bit_flip.")
+    ] = "sign_flip",
+    scale: Annotated[
+        float | None,
+        typer.Option(
+            "--scale", help="Factor for scale; noise level (x tensor std) for gaussian_noise."
+        ),
+    ] = None,
+    scales: Annotated[
+        str | None,
+        typer.Option("--scales", help="Several scales for a damage curve, e.g. '0.5,1,2'."),
+    ] = None,
+    bit: Annotated[
+        int | None,
+        typer.Option("--bit", help="Bit to flip (bit_flip; default: the top exponent bit)."),
+    ] = None,
+    controls: Annotated[
+        str,
+        typer.Option(
+            "--controls", help="Control selections: random_k, bottom_k, all_k ('' for none)."
+        ),
+    ] = "random_k,bottom_k",
+    seeds: Annotated[str, typer.Option("--seeds", help="Seeds for random controls / noise.")] = "0",
+    k_values: Annotated[
+        str | None,
+        typer.Option(
+            "--k-values", help="Numbers of weights for a progressive sweep, e.g. '10,100,1000'."
+        ),
+    ] = None,
     layers: LayersOpt = None,
     components: ComponentsOpt = None,
-    heads: Annotated[str | None, typer.Option(
-        "--heads", help="Only these attention heads, LAYER.HEAD, e.g. '3.1,5.0'.")] = None,
-    tasks: Annotated[str, typer.Option(
-        "--eval", "--tasks", help="Tasks after each condition, e.g. 'perplexity,lambada'.")]
-    = "perplexity",
+    heads: Annotated[
+        str | None,
+        typer.Option("--heads", help="Only these attention heads, LAYER.HEAD, e.g. '3.1,5.0'."),
+    ] = None,
+    tasks: Annotated[
+        str,
+        typer.Option(
+            "--eval", "--tasks", help="Tasks after each condition, e.g. 'perplexity,lambada'."
+        ),
+    ] = "perplexity",
     limit: Annotated[int | None, typer.Option("--limit", help="Items per task.")] = None,
     batch_size: Annotated[int, typer.Option("--batch-size", help="Evaluation batch size.")] = 16,
     device: DeviceOpt = "auto",
-    experiment: Annotated[str | None, typer.Option(
-        "--experiment", "-e", help="Label (default: the rank run's).")] = None,
+    experiment: Annotated[
+        str | None, typer.Option("--experiment", "-e", help="Label (default: the rank run's).")
+    ] = None,
     list_methods: ListOpt = False,
 ) -> None:
     """Perturb the top-k weights of a rank run and matched controls; evaluate each condition.
@@ -61,8 +86,9 @@ def perturb_cmd(
     if list_methods:
         from cwa.perturbation import PERTURBATION_METHODS, SELECTIONS
 
-        rows = PERTURBATION_METHODS.describe() + [(f"{n} (selection)", d)
-                                                  for n, d in SELECTIONS.describe()]
+        rows = PERTURBATION_METHODS.describe() + [
+            (f"{n} (selection)", d) for n, d in SELECTIONS.describe()
+        ]
         print_choices(ctx, rows, "method")
         return
     from cwa.errors import UsageError
@@ -72,17 +98,25 @@ def perturb_cmd(
     if scale is not None and scales is not None:
         raise UsageError("give --scale or --scales, not both")
     config = PerturbConfig(
-        rank_run=rank_run, method=method,
+        rank_run=rank_run,
+        method=method,
         scales=[scale] if scale is not None else parse_float_list(scales, what="scale"),
-        bit=bit, controls=parse_name_list(controls) or [], seeds=parse_seeds(seeds),
-        k_values=parse_int_list(k_values, what="k"), layers=parse_int_list(layers, what="layer"),
-        components=parse_name_list(components), heads=parse_heads(heads), tasks=tasks,
-        limit=limit, batch_size=batch_size, device=device, experiment=experiment,
+        bit=bit,
+        controls=parse_name_list(controls) or [],
+        seeds=parse_seeds(seeds),
+        k_values=parse_int_list(k_values, what="k"),
+        layers=parse_int_list(layers, what="layer"),
+        components=parse_name_list(components),
+        heads=parse_heads(heads),
+        tasks=tasks,
+        limit=limit,
+        batch_size=batch_size,
+        device=device,
+        experiment=experiment,
         command=command_line(),
     )
     with reporter_for(ctx) as reporter:
-        outcome = run_perturb(open_store(ctx), config, reporter=reporter,
-                              mlflow=mlflow_flag(ctx))
+        outcome = run_perturb(open_store(ctx), config, reporter=reporter, mlflow=mlflow_flag(ctx))
     print_outcomes(ctx, [outcome])
     if not state(ctx).json:
         print_damage_table(outcome.value["summary"], title=f"perturb run {outcome.run_id}")
@@ -90,11 +124,16 @@ def perturb_cmd(
 
 def print_damage_table(summary: dict, *, title: str) -> None:
     rows = []
-    for (selection, task, metric), s in sorted(summary.items(), key=lambda kv: (kv[0][1],
-                                                                               kv[0][2],
-                                                                               kv[0][0])):
-        rows.append((task, metric, selection, s["baseline"], s["mean"], s["std"],
-                     int(s["n"]), s["ratio"]))
-    _output.stderr.print(_output.table(
-        ("task", "metric", "selection", "baseline", "mean", "std over seeds", "n", "ratio"),
-        rows, title=title))
+    for (selection, task, metric), s in sorted(
+        summary.items(), key=lambda kv: (kv[0][1], kv[0][2], kv[0][0])
+    ):
+        rows.append(
+            (task, metric, selection, s["baseline"], s["mean"], s["std"], int(s["n"]), s["ratio"])
+        )
+    _output.stderr.print(
+        _output.table(
+            ("task", "metric", "selection", "baseline", "mean", "std over seeds", "n", "ratio"),
+            rows,
+            title=title,
+        )
+    )

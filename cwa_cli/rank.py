@@ -16,20 +16,25 @@ from cwa_cli._state import state
 @error_boundary
 def rank_cmd(
     ctx: typer.Context,
-    score_run: Annotated[str, typer.Argument(
-        help="Score run id, prefix, or 'latest' (the newest score run).")] = "latest",
+    score_run: Annotated[
+        str, typer.Argument(help="Score run id, prefix, or 'latest' (the newest score run).")
+    ] = "latest",
     topk: Annotated[int, typer.Option("--topk", "-k", help="Weights per group.")] = 100,
-    mode: Annotated[str, typer.Option(
-        "--mode", help="global, layer, tensor, head or component.")] = "global",
-    bottom: Annotated[bool, typer.Option(
-        "--bottom", help="The least sensitive weights instead.")] = False,
+    mode: Annotated[
+        str, typer.Option("--mode", help="global, layer, tensor, head or component.")
+    ] = "global",
+    bottom: Annotated[
+        bool, typer.Option("--bottom", help="The least sensitive weights instead.")
+    ] = False,
     layers: LayersOpt = None,
     components: ComponentsOpt = None,
-    export: Annotated[str | None, typer.Option(
-        "--export", help="Also write the rows to a .csv or .parquet file.")] = None,
+    export: Annotated[
+        str | None, typer.Option("--export", help="Also write the rows to a .csv or .parquet file.")
+    ] = None,
     show: Annotated[int, typer.Option("--show", help="Rows to print (0: none).")] = 10,
-    experiment: Annotated[str | None, typer.Option(
-        "--experiment", "-e", help="Label (default: the score run's).")] = None,
+    experiment: Annotated[
+        str | None, typer.Option("--experiment", "-e", help="Label (default: the score run's).")
+    ] = None,
 ) -> None:
     """Rank the weights of a score run; prints the rank run id and the top rows.
 
@@ -42,16 +47,32 @@ def rank_cmd(
     from cwa.stages.rank import RankConfig, run_rank
 
     config = RankConfig(
-        score_run=score_run, topk=topk, mode=mode, bottom=bottom,
-        layers=parse_int_list(layers, what="layer"), components=parse_name_list(components),
-        export=export, experiment=experiment, command=command_line(),
+        score_run=score_run,
+        topk=topk,
+        mode=mode,
+        bottom=bottom,
+        layers=parse_int_list(layers, what="layer"),
+        components=parse_name_list(components),
+        export=export,
+        experiment=experiment,
+        command=command_line(),
     )
     with reporter_for(ctx) as reporter:
         outcome = run_rank(open_store(ctx), config, reporter=reporter, mlflow=mlflow_flag(ctx))
     print_outcomes(ctx, [outcome])
     frame = outcome.value
     if show > 0 and not state(ctx).json and frame is not None and frame.height:
-        columns = ["group_key", "rank", "parameter", "row_index", "column_index", "layer",
-                   "component", "head", "score", "weight_value"]
+        columns = [
+            "group_key",
+            "rank",
+            "parameter",
+            "row_index",
+            "column_index",
+            "layer",
+            "component",
+            "head",
+            "score",
+            "weight_value",
+        ]
         head = frame.select(columns).head(show)
         _output.stderr.print(_output.table(columns, head.rows(), title="top rows"))

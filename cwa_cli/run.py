@@ -10,8 +10,16 @@ from cwa_cli import _output
 from cwa_cli._boundary import error_boundary
 from cwa_cli._common import command_line, mlflow_flag, open_store, reporter_for
 from cwa_cli._options import (
-    BatchSizeOpt, DataOpt, DeviceOpt, DtypeOpt, ExperimentLabelOpt, ModelOpt, NSamplesOpt,
-    SeqLenOpt, TextColumnOpt, TrustRemoteCodeOpt,
+    BatchSizeOpt,
+    DataOpt,
+    DeviceOpt,
+    DtypeOpt,
+    ExperimentLabelOpt,
+    ModelOpt,
+    NSamplesOpt,
+    SeqLenOpt,
+    TextColumnOpt,
+    TrustRemoteCodeOpt,
 )
 from cwa_cli._state import state
 from cwa_cli.perturb import print_damage_table
@@ -21,24 +29,29 @@ from cwa_cli.perturb import print_damage_table
 def run_cmd(
     ctx: typer.Context,
     model: ModelOpt = "toy",
-    metric: Annotated[str, typer.Option("--metric", help="Sensitivity metric.")]
-    = "grad_x_weight",
-    topk: Annotated[int, typer.Option("--topk", "-k", help="Weights to rank and perturb.")]
-    = 100,
+    metric: Annotated[str, typer.Option("--metric", help="Sensitivity metric.")] = "grad_x_weight",
+    topk: Annotated[int, typer.Option("--topk", "-k", help="Weights to rank and perturb.")] = 100,
     mode: Annotated[str, typer.Option("--mode", help="Ranking mode (global).")] = "global",
-    perturb: Annotated[str, typer.Option("--perturb", help="Perturbation method.")]
-    = "sign_flip",
-    perturb_scale: Annotated[float | None, typer.Option(
-        "--perturb-scale", help="Scale for scale / gaussian_noise.")] = None,
-    controls: Annotated[str, typer.Option("--controls", help="Control selections.")]
-    = "random_k,bottom_k",
-    seeds: Annotated[str, typer.Option(
-        "--seeds", help="Seeds of the random controls (the first also seeds scoring).")] = "0",
+    perturb: Annotated[str, typer.Option("--perturb", help="Perturbation method.")] = "sign_flip",
+    perturb_scale: Annotated[
+        float | None, typer.Option("--perturb-scale", help="Scale for scale / gaussian_noise.")
+    ] = None,
+    controls: Annotated[
+        str, typer.Option("--controls", help="Control selections.")
+    ] = "random_k,bottom_k",
+    seeds: Annotated[
+        str,
+        typer.Option(
+            "--seeds", help="Seeds of the random controls (the first also seeds scoring)."
+        ),
+    ] = "0",
     tasks: Annotated[str, typer.Option("--tasks", help="Evaluation tasks.")] = "perplexity",
     limit: Annotated[int | None, typer.Option("--limit", help="Items per task.")] = None,
     probes: Annotated[int | None, typer.Option("--probes", help="Hutchinson probes.")] = None,
-    out_dir: Annotated[str | None, typer.Option(
-        "--out-dir", help="Also export top_weights.csv, results and a manifest here.")] = None,
+    out_dir: Annotated[
+        str | None,
+        typer.Option("--out-dir", help="Also export top_weights.csv, results and a manifest here."),
+    ] = None,
     data: DataOpt = "toy",
     text_column: TextColumnOpt = None,
     n_samples: NSamplesOpt = 32,
@@ -57,20 +70,28 @@ def run_cmd(
     """
     from cwa.parsing import parse_name_list, parse_seeds
     from cwa.stages.common import ModelOptions
-    from cwa.stages.pipeline import PipelineConfig, run_pipeline, summary_dict
+    from cwa.stages.pipeline import PipelineConfig, run_pipeline
     from cwa.stages.score import DataOptions
 
     config = PipelineConfig(
-        model=ModelOptions(model, dtype, device, trust_remote_code), metric=metric,
-        data=DataOptions(data, text_column, n_samples, seq_len, batch_size), topk=topk,
-        mode=mode, method=perturb, scale=perturb_scale,
-        controls=parse_name_list(controls) or [], seeds=parse_seeds(seeds), tasks=tasks,
-        limit=limit, probes=probes, out_dir=out_dir, experiment=experiment,
+        model=ModelOptions(model, dtype, device, trust_remote_code),
+        metric=metric,
+        data=DataOptions(data, text_column, n_samples, seq_len, batch_size),
+        topk=topk,
+        mode=mode,
+        method=perturb,
+        scale=perturb_scale,
+        controls=parse_name_list(controls) or [],
+        seeds=parse_seeds(seeds),
+        tasks=tasks,
+        limit=limit,
+        probes=probes,
+        out_dir=out_dir,
+        experiment=experiment,
         command=command_line(),
     )
     with reporter_for(ctx) as reporter:
-        result = run_pipeline(open_store(ctx), config, reporter=reporter,
-                              mlflow=mlflow_flag(ctx))
+        result = run_pipeline(open_store(ctx), config, reporter=reporter, mlflow=mlflow_flag(ctx))
     report(ctx, result)
 
 
@@ -78,13 +99,20 @@ def report(ctx: typer.Context, result) -> None:
     from cwa.stages.pipeline import summary_dict
 
     if state(ctx).json:
-        _output.emit_json({"runs": result.run_ids, "summary": summary_dict(result.summary),
-                           "exported": [str(p) for p in result.exported]})
+        _output.emit_json(
+            {
+                "runs": result.run_ids,
+                "summary": summary_dict(result.summary),
+                "exported": [str(p) for p in result.exported],
+            }
+        )
         return
     for stage, run_id in result.run_ids.items():
         print(f"{stage}\t{run_id}")
-    print_damage_table(result.summary, title=f"damage per selection (perturb run "
-                                             f"{result.perturb.run_id})")
+    print_damage_table(
+        result.summary, title=f"damage per selection (perturb run {result.perturb.run_id})"
+    )
     if result.exported:
-        _output.info("Exported: " + ", ".join(str(p) for p in result.exported),
-                     quiet=state(ctx).quiet)
+        _output.info(
+            "Exported: " + ", ".join(str(p) for p in result.exported), quiet=state(ctx).quiet
+        )

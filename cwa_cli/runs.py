@@ -62,8 +62,17 @@ def list_cmd(
                 r.experiment,
             )
         )
-    columns = ("run_id", "stage", "status", "model", "seed", "created (UTC)", "duration",
-               "parents", "experiment")
+    columns = (
+        "run_id",
+        "stage",
+        "status",
+        "model",
+        "seed",
+        "created (UTC)",
+        "duration",
+        "parents",
+        "experiment",
+    )
     _output.stdout.print(_output.table(columns, rows))
     if not runs:
         _output.info("No runs match.", quiet=state(ctx).quiet)
@@ -86,10 +95,17 @@ def show_cmd(ctx: typer.Context, run: RunRef) -> None:
     out = _output.stdout
     out.print(f"[bold]{r.run_id}[/bold]  {r.stage}  status={r.status}  experiment={r.experiment}")
     fields = [
-        ("model", r.model_ref), ("fingerprint", r.model_fingerprint), ("seed", r.seed),
-        ("created (UTC)", r.created_at), ("duration", r.duration_s), ("device", r.device),
-        ("cwa", r.cwa_version), ("git", r.git_sha), ("mlflow run", r.mlflow_run_id),
-        ("command", r.command), ("error", r.error),
+        ("model", r.model_ref),
+        ("fingerprint", r.model_fingerprint),
+        ("seed", r.seed),
+        ("created (UTC)", r.created_at),
+        ("duration", r.duration_s),
+        ("device", r.device),
+        ("cwa", r.cwa_version),
+        ("git", r.git_sha),
+        ("mlflow run", r.mlflow_run_id),
+        ("command", r.command),
+        ("error", r.error),
     ]
     out.print(_output.table(("field", "value"), [(k, v) for k, v in fields if v is not None]))
     out.print("[bold]config[/bold]")
@@ -102,8 +118,7 @@ def show_cmd(ctx: typer.Context, run: RunRef) -> None:
     if details.metrics:
         out.print(_output.table(("metric", "value"), details.metrics.items(), title="metrics"))
     if details.result_counts:
-        out.print(_output.table(("table", "rows"), details.result_counts.items(),
-                                title="results"))
+        out.print(_output.table(("table", "rows"), details.result_counts.items(), title="results"))
     if details.artifacts:
         rows = [(a["name"], a["kind"], _output.human_bytes(a["bytes"])) for a in details.artifacts]
         out.print(_output.table(("artifact", "kind", "size"), rows, title="artifacts"))

@@ -8,11 +8,27 @@ import typer
 
 from cwa_cli._boundary import error_boundary
 from cwa_cli._common import (
-    command_line, mlflow_flag, open_store, print_choices, print_outcomes, reporter_for,
+    command_line,
+    mlflow_flag,
+    open_store,
+    print_choices,
+    print_outcomes,
+    reporter_for,
 )
 from cwa_cli._options import (
-    BatchSizeOpt, ComponentsOpt, DataOpt, DeviceOpt, DtypeOpt, ExperimentLabelOpt, LayersOpt,
-    ListOpt, ModelOpt, NSamplesOpt, SeqLenOpt, TextColumnOpt, TrustRemoteCodeOpt,
+    BatchSizeOpt,
+    ComponentsOpt,
+    DataOpt,
+    DeviceOpt,
+    DtypeOpt,
+    ExperimentLabelOpt,
+    LayersOpt,
+    ListOpt,
+    ModelOpt,
+    NSamplesOpt,
+    SeqLenOpt,
+    TextColumnOpt,
+    TrustRemoteCodeOpt,
 )
 
 
@@ -20,23 +36,30 @@ from cwa_cli._options import (
 def score_cmd(
     ctx: typer.Context,
     model: ModelOpt = "toy",
-    metric: Annotated[str, typer.Option(
-        "--metric", help="Sensitivity metric ('list' or --list shows them), or module:function."
-    )] = "grad_x_weight",
+    metric: Annotated[
+        str,
+        typer.Option(
+            "--metric", help="Sensitivity metric ('list' or --list shows them), or module:function."
+        ),
+    ] = "grad_x_weight",
     data: DataOpt = "toy",
     text_column: TextColumnOpt = None,
     n_samples: NSamplesOpt = 32,
     seq_len: SeqLenOpt = 128,
     batch_size: BatchSizeOpt = 8,
     seed: Annotated[int, typer.Option("--seed", help="Seed (data sample, probes).")] = 0,
-    seeds: Annotated[str | None, typer.Option(
-        "--seeds", help="Several seeds, e.g. '0,1,2' or '0-4': one run each.")] = None,
+    seeds: Annotated[
+        str | None,
+        typer.Option("--seeds", help="Several seeds, e.g. '0,1,2' or '0-4': one run each."),
+    ] = None,
     layers: LayersOpt = None,
     components: ComponentsOpt = None,
-    probes: Annotated[int | None, typer.Option(
-        "--probes", help="Hutchinson probes (hutchinson_diag, obd).")] = None,
-    score_dtype: Annotated[str, typer.Option(
-        "--score-dtype", help="float32 or bfloat16 for stored scores.")] = "float32",
+    probes: Annotated[
+        int | None, typer.Option("--probes", help="Hutchinson probes (hutchinson_diag, obd).")
+    ] = None,
+    score_dtype: Annotated[
+        str, typer.Option("--score-dtype", help="float32 or bfloat16 for stored scores.")
+    ] = "float32",
     experiment: ExperimentLabelOpt = "default",
     dtype: DtypeOpt = "auto",
     device: DeviceOpt = "auto",

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import sys
-from enum import Enum
+from enum import StrEnum
 from pathlib import Path
 from typing import Annotated
 
@@ -14,7 +14,7 @@ from cwa_cli._boundary import error_boundary
 from cwa_cli._state import state
 
 
-class SqlFormat(str, Enum):
+class SqlFormat(StrEnum):
     table = "table"
     csv = "csv"
     json = "json"
@@ -49,8 +49,9 @@ def sql_cmd(
     frame = run_query(Store.open_existing(state(ctx).store), query)
     if chosen is SqlFormat.table:
         if output is not None:
-            raise InvalidInput("--format table prints to the terminal; use csv, json or parquet "
-                               "with --output")
+            raise InvalidInput(
+                "--format table prints to the terminal; use csv, json or parquet with --output"
+            )
         rows = frame.rows()
         _output.stdout.print(_output.table(frame.columns, rows))
         _output.info(f"{len(rows)} row(s)", quiet=state(ctx).quiet)

@@ -13,9 +13,7 @@ from cwa_cli._state import state
 
 app = typer.Typer(help="The built-in toy language, model and task sets.", no_args_is_help=True)
 
-VariantOpt = Annotated[
-    str, typer.Option("--variant", help="gpt2 (default) or llama (GQA twin).")
-]
+VariantOpt = Annotated[str, typer.Option("--variant", help="gpt2 (default) or llama (GQA twin).")]
 
 
 @app.command("build")
@@ -33,13 +31,16 @@ def build_cmd(
 
     with reporter_for(ctx) as reporter:
         path = ensure_toy_model(variant, force=force, reporter=reporter)
-        files = {name: str(toy_data_path(name)) for name in
-                 ("calibration", "heldout", "hellaswag", "lambada")}
+        files = {
+            name: str(toy_data_path(name))
+            for name in ("calibration", "heldout", "hellaswag", "lambada")
+        }
     if state(ctx).json:
         _output.emit_json({"model": str(path), "data": files})
     else:
-        _output.stdout.print(_output.table(("item", "path"),
-                                           [("model", str(path)), *files.items()]))
+        _output.stdout.print(
+            _output.table(("item", "path"), [("model", str(path)), *files.items()])
+        )
 
 
 @app.command("info")

@@ -66,3 +66,11 @@ def cli():
 @pytest.fixture
 def python_exe() -> str:
     return sys.executable
+
+
+@pytest.fixture(scope="session")
+def tiny_world(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """A random 2-layer GPT-2 with a word-level tokenizer and small data/task files."""
+    from _tiny_world import build_tiny_world
+
+    return build_tiny_world(tmp_path_factory.mktemp("tiny_world"))

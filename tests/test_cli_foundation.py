@@ -30,14 +30,19 @@ def _fingerprint(path: Path) -> dict[str, str]:
 @pytest.fixture
 def populated(store: Store) -> dict[str, str]:
     ids = {}
-    ids["score"] = execute_stage(store, StageRequest("score", {"metric": "magnitude"}, seed=0,
-                                                     model_ref="toy"),
-                                 lambda ctx: StageOutput(metrics={"loss": 1.25})).run_id
-    ids["rank"] = execute_stage(store, StageRequest("rank", {"k": 10},
-                                                    parents=[(ids["score"], "scores")]),
-                                lambda ctx: StageOutput()).run_id
-    ids["other"] = execute_stage(store, StageRequest("score", {}, experiment="exp2"),
-                                 lambda ctx: StageOutput()).run_id
+    ids["score"] = execute_stage(
+        store,
+        StageRequest("score", {"metric": "magnitude"}, seed=0, model_ref="toy"),
+        lambda ctx: StageOutput(metrics={"loss": 1.25}),
+    ).run_id
+    ids["rank"] = execute_stage(
+        store,
+        StageRequest("rank", {"k": 10}, parents=[(ids["score"], "scores")]),
+        lambda ctx: StageOutput(),
+    ).run_id
+    ids["other"] = execute_stage(
+        store, StageRequest("score", {}, experiment="exp2"), lambda ctx: StageOutput()
+    ).run_id
     return ids
 
 
@@ -97,8 +102,9 @@ def test_sql_formats(cli, populated, tmp_path: Path) -> None:
     table = cli("sql", "SELECT count(*) AS n FROM runs")
     assert table.exit_code == 0 and "3" in table.stdout
     lineage = json.loads(cli("--json", "sql", "SELECT * FROM run_lineage").stdout)
-    assert lineage == [{"run_id": populated["rank"], "ancestor_run_id": populated["score"],
-                        "depth": 1}]
+    assert lineage == [
+        {"run_id": populated["rank"], "ancestor_run_id": populated["score"], "depth": 1}
+    ]
 
 
 @pytest.mark.parametrize(
@@ -188,13 +194,15 @@ def test_light_commands_import_no_heavy_library(tmp_path: Path, populated, store
         print(",".join(heavy))
         """
     )
-    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
-                          timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=120
+    )
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip() == "", f"heavy imports at startup: {proc.stdout}"
 
 
 def test_console_script_runs(tmp_path: Path) -> None:
-    proc = subprocess.run([sys.executable, "-m", "cwa_cli.main", "--help"], capture_output=True,
-                          text=True, timeout=60)
+    proc = subprocess.run(
+        [sys.executable, "-m", "cwa_cli.main", "--help"], capture_output=True, text=True, timeout=60
+    )
     assert proc.returncode == 0 and "runs" in proc.stdout

@@ -16,9 +16,11 @@ def test_run_params_tags_metrics_artifacts_visible_in_mlflow(store: Store, monke
     import mlflow
 
     monkeypatch.setenv("CWA_MLFLOW", "1")
-    parent = execute_stage(store, StageRequest("score", {"metric": "magnitude"}, seed=1,
-                                               experiment="study-a"),
-                           lambda ctx: StageOutput(metrics={"loss": 3.0}))
+    parent = execute_stage(
+        store,
+        StageRequest("score", {"metric": "magnitude"}, seed=1, experiment="study-a"),
+        lambda ctx: StageOutput(metrics={"loss": 3.0}),
+    )
 
     def compute(ctx):
         ctx.artifact_path("top_weights.csv", kind="table").write_text("rank,score\n1,0.5\n")
@@ -26,8 +28,13 @@ def test_run_params_tags_metrics_artifacts_visible_in_mlflow(store: Store, monke
 
     child = execute_stage(
         store,
-        StageRequest("rank", {"topk": 10, "mode": {"name": "global"}}, seed=1,
-                     experiment="study-a", parents=[(parent.run_id, "scores")]),
+        StageRequest(
+            "rank",
+            {"topk": 10, "mode": {"name": "global"}},
+            seed=1,
+            experiment="study-a",
+            parents=[(parent.run_id, "scores")],
+        ),
         compute,
     )
     assert child.mlflow_run_id is not None
@@ -50,9 +57,13 @@ def test_run_params_tags_metrics_artifacts_visible_in_mlflow(store: Store, monke
 def test_mlflow_failure_is_a_warning_and_loses_nothing(store: Store, monkeypatch) -> None:
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "unknownscheme://nowhere")
     reporter = RecordingReporter()
-    outcome = execute_stage(store, StageRequest("score", {"a": 1}),
-                            lambda ctx: StageOutput(metrics={"loss": 1.0}), reporter=reporter,
-                            mlflow=True)
+    outcome = execute_stage(
+        store,
+        StageRequest("score", {"a": 1}),
+        lambda ctx: StageOutput(metrics={"loss": 1.0}),
+        reporter=reporter,
+        mlflow=True,
+    )
     assert outcome.mlflow_run_id is None
     assert len(reporter.warnings) == 1 and "safe in the DuckDB store" in reporter.warnings[0]
     details = run_details(store, outcome.run_id)

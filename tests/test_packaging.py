@@ -17,9 +17,20 @@ REPO = Path(__file__).resolve().parents[1]
 def test_wheel_ships_migrations_and_installed_copy_uses_them(tmp_path: Path) -> None:
     dist = tmp_path / "dist"
     build = subprocess.run(
-        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-w",
-         str(dist), str(REPO)],
-        capture_output=True, text=True, timeout=300,
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            "--no-deps",
+            "--no-build-isolation",
+            "-w",
+            str(dist),
+            str(REPO),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert build.returncode == 0, build.stderr[-2000:]
     (wheel,) = dist.glob("cwa-*.whl")
@@ -32,7 +43,9 @@ def test_wheel_ships_migrations_and_installed_copy_uses_them(tmp_path: Path) -> 
     target = tmp_path / "site"
     install = subprocess.run(
         [sys.executable, "-m", "pip", "install", "--no-deps", "--target", str(target), str(wheel)],
-        capture_output=True, text=True, timeout=300,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert install.returncode == 0, install.stderr[-2000:]
     probe = (
@@ -43,8 +56,14 @@ def test_wheel_ships_migrations_and_installed_copy_uses_them(tmp_path: Path) -> 
     )
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     env["PYTHONPATH"] = str(target)
-    run = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,
-                         timeout=120, cwd=tmp_path, env=env)
+    run = subprocess.run(
+        [sys.executable, "-c", probe],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=tmp_path,
+        env=env,
+    )
     assert run.returncode == 0, run.stderr
     mig_dir, module_file, version = run.stdout.strip().splitlines()
     assert mig_dir.startswith(str(target)) and module_file.startswith(str(target))

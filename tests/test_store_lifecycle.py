@@ -77,8 +77,10 @@ def test_failure_while_writing_results_rolls_back_everything(store: Store) -> No
 
     def compute(ctx):
         # the second table does not exist: the first table's rows must not stay behind
-        return StageOutput(tables={"demo_results": [{"i": 1, "v": 1.0}],
-                                   "no_such_table": [{"x": 1}]}, metrics={"m": 1.0})
+        return StageOutput(
+            tables={"demo_results": [{"i": 1, "v": 1.0}], "no_such_table": [{"x": 1}]},
+            metrics={"m": 1.0},
+        )
 
     with pytest.raises(duckdb.Error):
         execute_stage(store, StageRequest("demo", {}), compute)
@@ -90,8 +92,11 @@ def test_failure_while_writing_results_rolls_back_everything(store: Store) -> No
 
 def test_unknown_parent_is_refused_before_anything_is_written(store: Store) -> None:
     with pytest.raises(RunNotFound):
-        execute_stage(store, StageRequest("demo", {}, parents=[("01ABCDEF", "input")]),
-                      lambda ctx: StageOutput())
+        execute_stage(
+            store,
+            StageRequest("demo", {}, parents=[("01ABCDEF", "input")]),
+            lambda ctx: StageOutput(),
+        )
     assert list_runs(store) == []
 
 
@@ -121,8 +126,12 @@ def test_real_sigint_marks_run_interrupted(tmp_path: Path, store: Store) -> None
     script = tmp_path / "slow.py"
     script.write_text(_SLOW_STAGE)
     marker = tmp_path / "started"
-    proc = subprocess.Popen([sys.executable, str(script), str(store.path), str(marker)],
-                            cwd=REPO, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, str(script), str(store.path), str(marker)],
+        cwd=REPO,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     deadline = time.monotonic() + 60
     while not marker.exists():
         assert proc.poll() is None, proc.stderr.read()
@@ -170,8 +179,11 @@ _HOLD_LOCK = textwrap.dedent(
 def _hold_lock(tmp_path: Path, store: Store, seconds: float) -> subprocess.Popen:
     script = tmp_path / "hold.py"
     script.write_text(_HOLD_LOCK)
-    proc = subprocess.Popen([sys.executable, str(script), str(store.db_path), str(seconds)],
-                            stdout=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, str(script), str(store.db_path), str(seconds)],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     assert proc.stdout.readline().strip() == "locked"
     return proc
 
@@ -205,8 +217,9 @@ def test_writer_gives_up_with_a_message_naming_the_holder(
 
 def test_two_processes_writing_concurrently_both_succeed(tmp_path: Path, store: Store) -> None:
     script = tmp_path / "many.py"
-    script.write_text(textwrap.dedent(
-        """
+    script.write_text(
+        textwrap.dedent(
+            """
         import sys
         from cwa.lifecycle import StageOutput, StageRequest, execute_stage
         from cwa.store import Store
@@ -215,9 +228,16 @@ def test_two_processes_writing_concurrently_both_succeed(tmp_path: Path, store: 
             execute_stage(store, StageRequest("w" + sys.argv[2], {"i": i}),
                           lambda ctx: StageOutput(metrics={"i": float(i)}))
         """
-    ))
-    procs = [subprocess.Popen([sys.executable, str(script), str(store.path), str(n)],
-                              stderr=subprocess.PIPE, text=True) for n in (1, 2)]
+        )
+    )
+    procs = [
+        subprocess.Popen(
+            [sys.executable, str(script), str(store.path), str(n)],
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for n in (1, 2)
+    ]
     for proc in procs:
         assert proc.wait(timeout=120) == 0, proc.stderr.read()
     runs = list_runs(store, limit=None)
@@ -232,8 +252,9 @@ def test_run_ids_are_time_sortable_and_unique() -> None:
 
 def test_prefix_latest_and_stage_resolution(store: Store) -> None:
     a = execute_stage(store, StageRequest("score", {}), lambda ctx: StageOutput()).run_id
-    b = execute_stage(store, StageRequest("rank", {}, parents=[(a, "scores")]),
-                      lambda ctx: StageOutput()).run_id
+    b = execute_stage(
+        store, StageRequest("rank", {}, parents=[(a, "scores")]), lambda ctx: StageOutput()
+    ).run_id
     from cwa.store import resolve_run_id
 
     with store.read() as con:

@@ -18,7 +18,9 @@ REPO = Path(__file__).resolve().parents[1]
 def _tables(db: Path) -> set[str]:
     con = duckdb.connect(str(db), read_only=True)
     try:
-        return {r[0] for r in con.execute("SELECT table_name FROM information_schema.tables").fetchall()}
+        return {
+            r[0] for r in con.execute("SELECT table_name FROM information_schema.tables").fetchall()
+        }
     finally:
         con.close()
 
@@ -36,8 +38,14 @@ def test_blank_store_reaches_final_schema(store_path: Path) -> None:
     assert info.schema_version == known[-1].number
     assert [a.name for a in info.applied] == [m.name for m in known]
     assert info.pending == []
-    assert {"runs", "run_parents", "run_metrics", "run_artifacts", "run_lineage",
-            "cwa_migrations"} <= _tables(store.db_path)
+    assert {
+        "runs",
+        "run_parents",
+        "run_metrics",
+        "run_artifacts",
+        "run_lineage",
+        "cwa_migrations",
+    } <= _tables(store.db_path)
     # checksums recorded equal the shipped files'
     assert [a.checksum for a in info.applied] == [m.checksum for m in known]
 
@@ -63,7 +71,9 @@ def test_failing_migration_leaves_nothing_of_itself(tmp_path: Path) -> None:
     assert "half_done" not in tables  # the failing one left nothing
     assert Store(tmp_path / "s", migrations_dir=migrations).info().pending == ["9002_bad.sql"]
     con = duckdb.connect(str(tmp_path / "s" / "cwa.duckdb"), read_only=True)
-    names = [r[0] for r in con.execute("SELECT name FROM cwa_migrations ORDER BY number").fetchall()]
+    names = [
+        r[0] for r in con.execute("SELECT name FROM cwa_migrations ORDER BY number").fetchall()
+    ]
     con.close()
     assert names[-1] == "9001_good.sql"
 

@@ -79,7 +79,7 @@ def stored_evaluation(
         rows = con.execute(
             "SELECT task, metric, value, stderr, n, task_config_hash FROM evaluations "
             "WHERE run_id = ? AND condition_id IS NULL AND task_config_hash = ? "
-            "ORDER BY metric",
+            "ORDER BY rowid",
             [found[0], task_config_hash],
         ).fetchall()
     keys = ("task", "metric", "value", "stderr", "n", "task_config_hash")

@@ -13,8 +13,13 @@ from typing import Any
 from cwa.errors import UsageError
 from cwa.lifecycle import RunContext, RunOutcome, StageOutput, StageRequest, execute_stage
 from cwa.progress import Reporter
-from cwa.stages.common import ModelOptions, check_positive, is_toy_ref, load_for_run
-from cwa.stages.common import stored_evaluation
+from cwa.stages.common import (
+    ModelOptions,
+    check_positive,
+    is_toy_ref,
+    load_for_run,
+    stored_evaluation,
+)
 from cwa.store import Store
 from cwa.store.runs import fetch_run, resolve_run_id
 
@@ -37,19 +42,11 @@ class EvaluateConfig:
     command: str | None = None
 
 
-def evaluate_tasks(
-    ctx: RunContext,
-    loaded: Any,
-    config: EvaluateConfig,
-    *,
-    store: Store,
-    reporter: Reporter,
-) -> list[dict[str, Any]]:
-    """Rows for every task: reused from the store when possible, computed otherwise."""
-    from cwa.evaluation.runner import evaluate_model
+def plan_for(config: EvaluateConfig) -> list[Any]:
+    """Resolve and validate the task specs (sources located and hashed) without a model."""
     from cwa.evaluation.tasks import plan_tasks
 
-    plans = plan_tasks(
+    return plan_tasks(
         config.tasks,
         limit=config.limit,
         seed=config.seed,
@@ -58,19 +55,33 @@ def evaluate_tasks(
         is_toy_model=is_toy_ref(config.model.ref),
         text_column=config.text_column,
     )
+
+
+def evaluate_plans(
+    loaded: Any,
+    plans: list[Any],
+    *,
+    store: Store,
+    batch_size: int,
+    force: bool,
+    reporter: Reporter,
+) -> list[dict[str, Any]]:
+    """Rows for every planned task: reused from the store when possible, computed otherwise."""
+    from cwa.evaluation.runner import evaluate_model
+
     rows: list[dict[str, Any]] = []
     for plan in plans:
-        stored = None if config.force else stored_evaluation(store, loaded.fingerprint,
-                                                             plan.config_hash)
+        stored = None if force else stored_evaluation(store, loaded.fingerprint, plan.config_hash)
         if stored is not None:
             source_run, stored_rows = stored
-            reporter.info(f"{plan.task}: reusing results of run {source_run} (use --force to "
-                          "recompute)")
-            for row in stored_rows:
-                rows.append({**row, "reused_from": source_run})
+            reporter.info(
+                f"{plan.task}: reusing results of run {source_run} (use --force to recompute)"
+            )
+            rows += [{**row, "reused_from": source_run} for row in stored_rows]
             continue
-        for row in evaluate_model(loaded.model, loaded.tokenizer, [plan],
-                                  batch_size=config.batch_size, reporter=reporter):
+        for row in evaluate_model(
+            loaded.model, loaded.tokenizer, [plan], batch_size=batch_size, reporter=reporter
+        ):
             rows.append({**row, "reused_from": None})
     for row in rows:
         row["condition_id"] = None
@@ -79,7 +90,10 @@ def evaluate_tasks(
 
 
 def run_evaluate(
-    store: Store, config: EvaluateConfig, *, reporter: Reporter | None = None,
+    store: Store,
+    config: EvaluateConfig,
+    *,
+    reporter: Reporter | None = None,
     mlflow: bool | None = None,
 ) -> RunOutcome:
     check_positive("batch-size", config.batch_size)
@@ -94,6 +108,7 @@ def run_evaluate(
             raise UsageError(f"run {run_id} records no model; pass --model instead")
         config.model.ref = source.model_ref
         parents.append((run_id, "model"))
+    plans = plan_for(config)
     request = StageRequest(
         stage="evaluate",
         config=asdict(config),
@@ -106,7 +121,14 @@ def run_evaluate(
 
     def compute(ctx: RunContext) -> StageOutput:
         loaded = load_for_run(ctx, config.model)
-        rows = evaluate_tasks(ctx, loaded, config, store=store, reporter=ctx.reporter)
+        rows = evaluate_plans(
+            loaded,
+            plans,
+            store=store,
+            batch_size=config.batch_size,
+            force=config.force,
+            reporter=ctx.reporter,
+        )
         metrics = {f"{r['task']}.{r['metric']}": r["value"] for r in rows}
         return StageOutput(tables={"evaluations": rows}, metrics=metrics, value=rows)
 

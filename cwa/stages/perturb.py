@@ -98,8 +98,10 @@ def _validate(config: PerturbConfig) -> None:
     for control in config.controls:
         SELECTIONS.canonical(control)
         if control == "top_k":
-            raise InvalidInput("top_k is the treatment and always runs; list only controls in "
-                               "--controls (random_k, bottom_k, all_k)")
+            raise InvalidInput(
+                "top_k is the treatment and always runs; list only controls in "
+                "--controls (random_k, bottom_k, all_k)"
+            )
     if config.method in _SCALED_METHODS:
         if config.method == "scale" and not config.scales:
             raise UsageError("--method scale needs --scale S (or --scales 0.5,1,2)")
@@ -127,7 +129,7 @@ def conditions_for(config: PerturbConfig, k_values: list[int]) -> list[Condition
         for scale in scales:
             for selection in selections:
                 seeded = selection == "random_k" or config.method in _STOCHASTIC_METHODS
-                for seed in (config.seeds if seeded else [None]):
+                for seed in config.seeds if seeded else [None]:
                     if selection == "all_k" and k != k_values[0]:
                         continue  # all_k does not depend on k: once per scale is enough
                     out.append(Condition(selection, config.method, scale, config.bit, k, seed))
@@ -144,8 +146,10 @@ def _scope(arch: Any, score_run: RunRecord, rank_run: RunRecord, config: Perturb
             return None
         common = set.intersection(*present)
         if not common:
-            raise InvalidInput("the requested layers/components do not overlap the ranking's "
-                               "scope; nothing would be perturbed")
+            raise InvalidInput(
+                "the requested layers/components do not overlap the ranking's "
+                "scope; nothing would be perturbed"
+            )
         return sorted(common)
 
     from cwa.models.architecture import resolve_components
@@ -153,12 +157,17 @@ def _scope(arch: Any, score_run: RunRecord, rank_run: RunRecord, config: Perturb
     def comps(x: list[str] | None) -> list[str] | None:
         return None if not x else list(resolve_components(x))
 
-    layers = narrowed(score_run.config.get("layers"), rank_run.config.get("layers"),
-                      config.layers)
-    components = narrowed(comps(score_run.config.get("components")),
-                          comps(rank_run.config.get("components")), comps(config.components))
-    return scope_from_architecture(arch, layers=layers, components=components,
-                                   heads=config.heads), layers, components
+    layers = narrowed(score_run.config.get("layers"), rank_run.config.get("layers"), config.layers)
+    components = narrowed(
+        comps(score_run.config.get("components")),
+        comps(rank_run.config.get("components")),
+        comps(config.components),
+    )
+    return (
+        scope_from_architecture(arch, layers=layers, components=components, heads=config.heads),
+        layers,
+        components,
+    )
 
 
 def _treatment_rows(store: Store, rank_id: str) -> Any:
@@ -167,29 +176,38 @@ def _treatment_rows(store: Store, rank_id: str) -> Any:
     with store.read() as con:
         frame = con.execute(
             "SELECT group_key, rank, parameter, flat_index FROM ranked_weights "
-            "WHERE run_id = ? ORDER BY rank, group_key", [rank_id]
+            "WHERE run_id = ? ORDER BY rank, group_key",
+            [rank_id],
         ).fetchall()
-    return pl.DataFrame(frame, schema=["group_key", "rank", "parameter", "flat_index"],
-                        orient="row")
+    return pl.DataFrame(
+        frame, schema=["group_key", "rank", "parameter", "flat_index"], orient="row"
+    )
 
 
 def _in_scope(frame: Any, scope: list[Any]) -> Any:
-    """Keep ranking rows whose weight lies in the scope."""
+    """Keep ranking rows whose weight lies in the scope (vectorised per parameter)."""
+    import numpy as np
     import polars as pl
-    import torch
 
-    keep = []
-    by_name = {e.name: e for e in scope}
-    for name, idx in zip(frame["parameter"].to_list(), frame["flat_index"].to_list(),
-                         strict=True):
-        entry = by_name.get(name)
-        keep.append(entry is not None and (entry.mask is None or bool(entry.mask[idx])))
-    del torch
+    keep = np.zeros(frame.height, dtype=bool)
+    names = frame["parameter"].to_numpy()
+    flat = frame["flat_index"].to_numpy()
+    for entry in scope:
+        rows = np.flatnonzero(names == entry.name)
+        if rows.size == 0:
+            continue
+        if entry.mask is None:
+            keep[rows] = True
+        else:
+            keep[rows] = entry.mask.numpy()[flat[rows]]
     return frame.filter(pl.Series(keep))
 
 
 def run_perturb(
-    store: Store, config: PerturbConfig, *, reporter: Reporter | None = None,
+    store: Store,
+    config: PerturbConfig,
+    *,
+    reporter: Reporter | None = None,
     mlflow: bool | None = None,
 ) -> RunOutcome:
     reporter = reporter or NULL_REPORTER
@@ -206,31 +224,53 @@ def run_perturb(
     max_k = int(rank_run.config.get("topk", 0))
     k_values = sorted(set(config.k_values or [max_k]))
     if rank_run.config.get("mode", "global") == "global" and k_values[-1] > max_k:
-        raise InvalidInput(f"rank run {rank_id} holds the top {max_k} weights but k="
-                           f"{k_values[-1]} was asked; re-rank with --topk {k_values[-1]}")
+        raise InvalidInput(
+            f"rank run {rank_id} holds the top {max_k} weights but k="
+            f"{k_values[-1]} was asked; re-rank with --topk {k_values[-1]}"
+        )
     if rank_run.config.get("bottom"):
-        raise InvalidInput(f"rank run {rank_id} ranks the bottom weights; perturb a top-k "
-                           "ranking (the bottom_k control is built in)")
+        raise InvalidInput(
+            f"rank run {rank_id} ranks the bottom weights; perturb a top-k "
+            "ranking (the bottom_k control is built in)"
+        )
+    from cwa.evaluation.tasks import plan_tasks
+
+    plans = plan_tasks(
+        config.tasks,
+        limit=config.limit,
+        seed=config.eval_seed,
+        is_toy_model=is_toy_ref(score_run.model_ref),
+    )
     run_config = asdict(config)
     run_config.update(rank_run=rank_id, score_run=score_id, k_values=k_values)
     run_config.pop("command")
     request = StageRequest(
-        stage="perturb", config=run_config,
+        stage="perturb",
+        config=run_config,
         experiment=config.experiment or rank_run.experiment,
-        parents=[(rank_id, "ranking")], model_ref=rank_run.model_ref, seed=score_run.seed,
+        parents=[(rank_id, "ranking")],
+        model_ref=rank_run.model_ref,
+        seed=score_run.seed,
         command=config.command,
     )
 
     def compute(ctx: RunContext) -> StageOutput:
-        return _sweep(ctx, store, config, rank_id, rank_run, score_run, k_values)
+        return _sweep(ctx, store, config, rank_id, rank_run, score_run, k_values, plans)
 
     return execute_stage(store, request, compute, reporter=reporter, mlflow=mlflow)
 
 
-def _sweep(ctx: RunContext, store: Store, config: PerturbConfig, rank_id: str,
-           rank_run: RunRecord, score_run: RunRecord, k_values: list[int]) -> StageOutput:
+def _sweep(
+    ctx: RunContext,
+    store: Store,
+    config: PerturbConfig,
+    rank_id: str,
+    rank_run: RunRecord,
+    score_run: RunRecord,
+    k_values: list[int],
+    plans: list[Any],
+) -> StageOutput:
     from cwa.evaluation.runner import evaluate_model
-    from cwa.evaluation.tasks import plan_tasks
     from cwa.perturbation.apply import perturbed
     from cwa.perturbation.checksum import named_checksums
     from cwa.perturbation.selection import all_k, bottom_k, random_k, top_k
@@ -241,18 +281,27 @@ def _sweep(ctx: RunContext, store: Store, config: PerturbConfig, rank_id: str,
     ctx.set_model(score_run.model_ref, loaded.fingerprint, loaded.device)
     model = loaded.model
     scope, layers, components = _scope(loaded.arch, score_run, rank_run, config)
-    ctx.record_config(scope={"layers": layers, "components": components,
-                             "heads": config.heads})
+    # Only tensors the score run scored were ranked (wanda and super_weight score a subset).
+    from cwa.scorefile import read_score_header
+
+    scored, _ = read_score_header(store.artifacts_dir(score_run.run_id) / SCORE_FILE)
+    scope = [entry for entry in scope if entry.name in scored]
+    if not scope:
+        raise InvalidInput(
+            "no scored tensor lies in the requested scope; widen --layers/--components/--heads"
+        )
+    ctx.record_config(scope={"layers": layers, "components": components, "heads": config.heads})
     ranking = _in_scope(_treatment_rows(store, rank_id), scope)
     if ranking.height == 0:
-        raise InvalidInput("no ranked weight lies in the requested scope; widen "
-                           "--layers/--components/--heads or re-rank within them")
-    plans = plan_tasks(config.tasks, limit=config.limit, seed=config.eval_seed,
-                       is_toy_model=is_toy_ref(score_run.model_ref))
+        raise InvalidInput(
+            "no ranked weight lies in the requested scope; widen "
+            "--layers/--components/--heads or re-rank within them"
+        )
 
     def evaluate() -> list[dict[str, Any]]:
-        return evaluate_model(model, loaded.tokenizer, plans, batch_size=config.batch_size,
-                              reporter=reporter)
+        return evaluate_model(
+            model, loaded.tokenizer, plans, batch_size=config.batch_size, reporter=reporter
+        )
 
     # Baseline: reuse a stored evaluation of this exact model and task config when there is one.
     rows: list[dict[str, Any]] = []
@@ -263,9 +312,12 @@ def _sweep(ctx: RunContext, store: Store, config: PerturbConfig, rank_id: str,
             rows += [{**r, "reused_from": source, "condition_id": None} for r in stored_rows]
             reporter.info(f"baseline {plan.task}: reusing run {source}")
         else:
-            rows += [{**r, "reused_from": None, "condition_id": None}
-                     for r in evaluate_model(model, loaded.tokenizer, [plan],
-                                             batch_size=config.batch_size, reporter=reporter)]
+            rows += [
+                {**r, "reused_from": None, "condition_id": None}
+                for r in evaluate_model(
+                    model, loaded.tokenizer, [plan], batch_size=config.batch_size, reporter=reporter
+                )
+            ]
 
     touched = [e.name for e in scope]
     params = dict(model.named_parameters())
@@ -277,8 +329,9 @@ def _sweep(ctx: RunContext, store: Store, config: PerturbConfig, rank_id: str,
         for cond in conditions:
             if cond.selection == "top_k":
                 if ranking.height < cond.k:
-                    raise InvalidInput(f"only {ranking.height} ranked weights lie in scope, "
-                                       f"fewer than k={cond.k}")
+                    raise InvalidInput(
+                        f"only {ranking.height} ranked weights lie in scope, fewer than k={cond.k}"
+                    )
                 head = ranking.head(cond.k)
                 selection = top_k(head["parameter"].to_list(), head["flat_index"].to_list())
             elif cond.selection == "random_k":
@@ -286,26 +339,40 @@ def _sweep(ctx: RunContext, store: Store, config: PerturbConfig, rank_id: str,
             elif cond.selection == "bottom_k":
                 score_path = store.artifacts_dir(score_run.run_id) / SCORE_FILE
                 with open_scores(score_path) as reader:
-                    selection = bottom_k(((e.name, reader.get(e.name)) for e in scope), scope,
-                                         cond.k)
+                    selection = bottom_k(
+                        ((e.name, reader.get(e.name)) for e in scope), scope, cond.k
+                    )
             else:
                 selection = all_k(scope)
-            with perturbed(model, selection, cond.method, scale=cond.scale, bit=cond.bit,
-                           seed=cond.seed or 0,
-                           baseline_checksums={n: baseline_checksums[n] for n in selection},
-                           reporter=reporter) as handle:
+            with perturbed(
+                model,
+                selection,
+                cond.method,
+                scale=cond.scale,
+                bit=cond.bit,
+                seed=cond.seed or 0,
+                baseline_checksums={n: baseline_checksums[n] for n in selection},
+                reporter=reporter,
+            ) as handle:
                 results = evaluate()
             record = handle.record()
-            condition_rows.append({
-                "condition_id": cond.condition_id, "selection": cond.selection,
-                "method": cond.method, "scale": cond.scale, "bit": record["bit"],
-                "k": int(selection.k), "seed": cond.seed, "n_changed": record["n_changed"],
-                "scope": {"layers": layers, "components": components, "heads": config.heads},
-                "checksum_before": record["checksum_before"],
-                "checksum_after": record["checksum_after"], "restored": record["restored"],
-            })
-            rows += [{**r, "reused_from": None, "condition_id": cond.condition_id}
-                     for r in results]
+            condition_rows.append(
+                {
+                    "condition_id": cond.condition_id,
+                    "selection": cond.selection,
+                    "method": cond.method,
+                    "scale": cond.scale,
+                    "bit": record["bit"],
+                    "k": int(selection.k),
+                    "seed": cond.seed,
+                    "n_changed": record["n_changed"],
+                    "scope": {"layers": layers, "components": components, "heads": config.heads},
+                    "checksum_before": record["checksum_before"],
+                    "checksum_after": record["checksum_after"],
+                    "restored": record["restored"],
+                }
+            )
+            rows += [{**r, "reused_from": None, "condition_id": cond.condition_id} for r in results]
             task.advance()
     finally:
         task.close()
@@ -322,7 +389,8 @@ def _sweep(ctx: RunContext, store: Store, config: PerturbConfig, rank_id: str,
         metrics[f"{selection}.{task_name}.{metric}.mean"] = stats["mean"]
     return StageOutput(
         tables={"evaluations": rows, "perturbation_conditions": _conditions_frame(condition_rows)},
-        metrics=metrics, value={"summary": summary, "conditions": condition_rows, "rows": rows},
+        metrics=metrics,
+        value={"summary": summary, "conditions": condition_rows, "rows": rows},
     )
 
 
@@ -333,15 +401,26 @@ def _conditions_frame(rows: list[dict[str, Any]]) -> Any:
 
     return pl.DataFrame(
         [{**r, "scope": json.dumps(r["scope"])} for r in rows],
-        schema={"condition_id": pl.String, "selection": pl.String, "method": pl.String,
-                "scale": pl.Float64, "bit": pl.Int64, "k": pl.Int64, "seed": pl.Int64,
-                "n_changed": pl.Int64, "scope": pl.String, "checksum_before": pl.String,
-                "checksum_after": pl.String, "restored": pl.Boolean},
+        schema={
+            "condition_id": pl.String,
+            "selection": pl.String,
+            "method": pl.String,
+            "scale": pl.Float64,
+            "bit": pl.Int64,
+            "k": pl.Int64,
+            "seed": pl.Int64,
+            "n_changed": pl.Int64,
+            "scope": pl.String,
+            "checksum_before": pl.String,
+            "checksum_after": pl.String,
+            "restored": pl.Boolean,
+        },
     )
 
 
-def summarize(rows: list[dict[str, Any]], conditions: list[dict[str, Any]]
-              ) -> dict[tuple[str, str, str], dict[str, float]]:
+def summarize(
+    rows: list[dict[str, Any]], conditions: list[dict[str, Any]]
+) -> dict[tuple[str, str, str], dict[str, float]]:
     """Per (selection, task, metric): mean, std over seeds, min, max, baseline, mean ratio."""
     import statistics
 
@@ -352,11 +431,21 @@ def summarize(rows: list[dict[str, Any]], conditions: list[dict[str, Any]]
         cond = by_condition.get(r["condition_id"])
         if cond is None:
             continue
-        key = (cond["selection"] + (f"@k={cond['k']}" if len({c['k'] for c in conditions}) > 1
-                                    and cond["selection"] != "all_k" else "")
-               + (f"@s={cond['scale']:g}" if cond["scale"] is not None
-                  and len({c['scale'] for c in conditions}) > 1 else ""),
-               r["task"], r["metric"])
+        key = (
+            cond["selection"]
+            + (
+                f"@k={cond['k']}"
+                if len({c["k"] for c in conditions}) > 1 and cond["selection"] != "all_k"
+                else ""
+            )
+            + (
+                f"@s={cond['scale']:g}"
+                if cond["scale"] is not None and len({c["scale"] for c in conditions}) > 1
+                else ""
+            ),
+            r["task"],
+            r["metric"],
+        )
         grouped.setdefault(key, []).append(float(r["value"]))
     out = {}
     for key, values in grouped.items():

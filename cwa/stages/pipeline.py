@@ -54,13 +54,18 @@ class PipelineResult:
 
 
 def run_pipeline(
-    store: Store, config: PipelineConfig, *, reporter: Reporter | None = None,
+    store: Store,
+    config: PipelineConfig,
+    *,
+    reporter: Reporter | None = None,
     mlflow: bool | None = None,
 ) -> PipelineResult:
     reporter = reporter or NULL_REPORTER
     if config.mode != "global":
-        raise InvalidInput("cwa run perturbs a global ranking; use --mode global, or run "
-                           "cwa rank / cwa perturb separately for other modes")
+        raise InvalidInput(
+            "cwa run perturbs a global ranking; use --mode global, or run "
+            "cwa rank / cwa perturb separately for other modes"
+        )
     out_dir = Path(config.out_dir) if config.out_dir else None
     if out_dir is not None:
         if out_dir.exists() and not out_dir.is_dir():
@@ -68,24 +73,58 @@ def run_pipeline(
         out_dir.mkdir(parents=True, exist_ok=True)
     common = {"experiment": config.experiment, "command": config.command}
     reporter.info("[1/4] score")
-    (score,) = run_score(store, ScoreConfig(
-        model=config.model, metric=config.metric, data=config.data, seeds=[config.seeds[0]],
-        probes=config.probes, **common), reporter=reporter, mlflow=mlflow)
+    (score,) = run_score(
+        store,
+        ScoreConfig(
+            model=config.model,
+            metric=config.metric,
+            data=config.data,
+            seeds=[config.seeds[0]],
+            probes=config.probes,
+            **common,
+        ),
+        reporter=reporter,
+        mlflow=mlflow,
+    )
     reporter.info(f"[2/4] rank (top {config.topk}, {config.mode})")
     export = str(out_dir / "top_weights.csv") if out_dir else None
-    rank = run_rank(store, RankConfig(score_run=score.run_id, topk=config.topk, mode=config.mode,
-                                      export=export, device=config.model.device, **common),
-                    reporter=reporter, mlflow=mlflow)
+    rank = run_rank(
+        store,
+        RankConfig(
+            score_run=score.run_id,
+            topk=config.topk,
+            mode=config.mode,
+            export=export,
+            device=config.model.device,
+            **common,
+        ),
+        reporter=reporter,
+        mlflow=mlflow,
+    )
     reporter.info("[3/4] evaluate the unperturbed model")
-    evaluate = run_evaluate(store, EvaluateConfig(
-        model=config.model, tasks=config.tasks, limit=config.limit, **common),
-        reporter=reporter, mlflow=mlflow)
+    evaluate = run_evaluate(
+        store,
+        EvaluateConfig(model=config.model, tasks=config.tasks, limit=config.limit, **common),
+        reporter=reporter,
+        mlflow=mlflow,
+    )
     reporter.info(f"[4/4] perturb ({config.method}; controls {', '.join(config.controls)})")
-    perturb = run_perturb(store, PerturbConfig(
-        rank_run=rank.run_id, method=config.method,
-        scales=None if config.scale is None else [config.scale], controls=config.controls,
-        seeds=config.seeds, tasks=config.tasks, limit=config.limit, device=config.model.device,
-        **common), reporter=reporter, mlflow=mlflow)
+    perturb = run_perturb(
+        store,
+        PerturbConfig(
+            rank_run=rank.run_id,
+            method=config.method,
+            scales=None if config.scale is None else [config.scale],
+            controls=config.controls,
+            seeds=config.seeds,
+            tasks=config.tasks,
+            limit=config.limit,
+            device=config.model.device,
+            **common,
+        ),
+        reporter=reporter,
+        mlflow=mlflow,
+    )
     summary = perturb.value["summary"]
     exported: list[Path] = []
     if out_dir is not None:
@@ -95,12 +134,22 @@ def run_pipeline(
     return PipelineResult(score, rank, evaluate, perturb, summary, exported)
 
 
-def _export(store: Store, out_dir: Path, config: PipelineConfig, perturb: RunOutcome,
-            score: RunOutcome, rank: RunOutcome, evaluate: RunOutcome) -> list[Path]:
+def _export(
+    store: Store,
+    out_dir: Path,
+    config: PipelineConfig,
+    perturb: RunOutcome,
+    score: RunOutcome,
+    rank: RunOutcome,
+    evaluate: RunOutcome,
+) -> list[Path]:
     from cwa.store.query import query
 
-    effects = query(store, "SELECT * FROM perturbation_effects WHERE run_id = "
-                    f"'{perturb.run_id}' ORDER BY condition_id, task, metric")
+    effects = query(
+        store,
+        "SELECT * FROM perturbation_effects WHERE run_id = "
+        f"'{perturb.run_id}' ORDER BY condition_id, task, metric",
+    )
     effects_path = out_dir / "perturbation_results.csv"
     effects.write_csv(effects_path)
     stats = query(store, f"SELECT * FROM tensor_stats WHERE run_id = '{score.run_id}'")
@@ -110,8 +159,12 @@ def _export(store: Store, out_dir: Path, config: PipelineConfig, perturb: RunOut
     config_path.write_text(json.dumps(asdict(config), indent=2, default=str) + "\n")
     manifest = {
         "store": str(store.path.resolve()),
-        "runs": {"score": score.run_id, "rank": rank.run_id, "evaluate": evaluate.run_id,
-                 "perturb": perturb.run_id},
+        "runs": {
+            "score": score.run_id,
+            "rank": rank.run_id,
+            "evaluate": evaluate.run_id,
+            "perturb": perturb.run_id,
+        },
         "files": ["top_weights.csv", effects_path.name, stats_path.name, config_path.name],
     }
     manifest_path = out_dir / "manifest.json"
@@ -119,9 +172,15 @@ def _export(store: Store, out_dir: Path, config: PipelineConfig, perturb: RunOut
     return [effects_path, stats_path, config_path, manifest_path]
 
 
-def demo_config(*, experiment: str = "demo", seeds: list[int] | None = None,
-                out_dir: str | None = None, command: str | None = None,
-                topk: int | None = None, limit: int | None = 200) -> PipelineConfig:
+def demo_config(
+    *,
+    experiment: str = "demo",
+    seeds: list[int] | None = None,
+    out_dir: str | None = None,
+    command: str | None = None,
+    topk: int | None = None,
+    limit: int | None = 200,
+) -> PipelineConfig:
     """The demo chain on the toy model (see DEMO_TOPK_FRACTION for how k is chosen)."""
     return PipelineConfig(
         model=ModelOptions("toy", "float32", "cpu", False),
@@ -143,15 +202,21 @@ def demo_config(*, experiment: str = "demo", seeds: list[int] | None = None,
 DEMO_TOPK_FRACTION = 0.0005  # 0.05% of the model's weights
 
 
-def run_demo(store: Store, config: PipelineConfig, *, reporter: Reporter | None = None,
-             mlflow: bool | None = None) -> PipelineResult:
+def run_demo(
+    store: Store,
+    config: PipelineConfig,
+    *,
+    reporter: Reporter | None = None,
+    mlflow: bool | None = None,
+) -> PipelineResult:
     """Build (or reuse) the toy model, then run the chain with k = 0.05% of its weights."""
     from cwa.models.loading import load_model
 
     reporter = reporter or NULL_REPORTER
     if not config.topk:
-        loaded = load_model("toy", dtype="float32", device="cpu", reporter=reporter,
-                            load_tokenizer=False)
+        loaded = load_model(
+            "toy", dtype="float32", device="cpu", reporter=reporter, load_tokenizer=False
+        )
         config.topk = max(1, round(loaded.arch.total_params * DEMO_TOPK_FRACTION))
         del loaded
     return run_pipeline(store, config, reporter=reporter, mlflow=mlflow)

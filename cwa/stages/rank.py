@@ -66,7 +66,10 @@ def export_rows(frame: Any, path: str) -> None:
 
 
 def run_rank(
-    store: Store, config: RankConfig, *, reporter: Reporter | None = None,
+    store: Store,
+    config: RankConfig,
+    *,
+    reporter: Reporter | None = None,
     mlflow: bool | None = None,
 ) -> RunOutcome:
     from cwa.ranking import RANK_MODES
@@ -74,8 +77,9 @@ def run_rank(
     reporter = reporter or NULL_REPORTER
     check_positive("topk", config.topk)
     if config.mode not in RANK_MODES:
-        raise InvalidInput(f"unknown ranking mode {config.mode!r}; use one of "
-                           f"{', '.join(RANK_MODES)}")
+        raise InvalidInput(
+            f"unknown ranking mode {config.mode!r}; use one of {', '.join(RANK_MODES)}"
+        )
     if config.export:
         suffix = Path(config.export).suffix.lower()
         if suffix not in (".csv", ".parquet"):
@@ -87,15 +91,20 @@ def run_rank(
         raise InvalidInput(f"score run {score_id} is {score_run.status}; rank a succeeded run")
     score_path = store.artifacts_dir(score_id) / SCORE_FILE
     if not score_path.is_file():
-        raise InvalidInput(f"score run {score_id} has no {SCORE_FILE} in {score_path.parent}; "
-                           "its artifacts were removed: re-run the score stage")
+        raise InvalidInput(
+            f"score run {score_id} has no {SCORE_FILE} in {score_path.parent}; "
+            "its artifacts were removed: re-run the score stage"
+        )
     run_config = asdict(config)
     run_config["score_run"] = score_id
     run_config.pop("command")
     request = StageRequest(
-        stage="rank", config=run_config,
+        stage="rank",
+        config=run_config,
         experiment=config.experiment or score_run.experiment,
-        parents=[(score_id, "scores")], model_ref=score_run.model_ref, seed=score_run.seed,
+        parents=[(score_id, "scores")],
+        model_ref=score_run.model_ref,
+        seed=score_run.seed,
         command=config.command,
     )
 
@@ -105,8 +114,13 @@ def run_rank(
         loaded = load_source_model(store, score_run, device=config.device, reporter=ctx.reporter)
         ctx.set_model(score_run.model_ref, loaded.fingerprint, loaded.device)
         rows = rank_scores(
-            score_path, loaded.arch, k=config.topk, mode=config.mode, bottom=config.bottom,
-            layers=config.layers, components=config.components,
+            score_path,
+            loaded.arch,
+            k=config.topk,
+            mode=config.mode,
+            bottom=config.bottom,
+            layers=config.layers,
+            components=config.components,
             weights=dict(loaded.model.named_parameters()),
         )
         frame = ranking_frame(rows).rename(
@@ -115,7 +129,10 @@ def run_rank(
         if config.export:
             export_rows(frame.drop([]), config.export)
         scores = frame["score"]
-        metrics = {"n_ranked": float(frame.height), "n_groups": float(frame["group_key"].n_unique())}
+        metrics = {
+            "n_ranked": float(frame.height),
+            "n_groups": float(frame["group_key"].n_unique()),
+        }
         if frame.height:
             metrics.update({"score_max": float(scores.max()), "score_min": float(scores.min())})
         return StageOutput(tables={"ranked_weights": frame}, metrics=metrics, value=frame)

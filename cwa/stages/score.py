@@ -45,12 +45,28 @@ class ScoreConfig:
     command: str | None = None
 
 
-def calibration_batches(loaded: Any, data: DataOptions, seed: int) -> list[dict[str, Any]]:
-    from cwa.data.text import batches_from_blocks, load_texts, token_blocks
+def calibration_texts(data: DataOptions) -> list[str] | None:
+    """The calibration documents (checked before any run is registered)."""
+    from cwa.data.text import load_texts
 
-    texts = load_texts(data.source, text_column=data.text_column, role="calibration")
-    blocks = token_blocks(loaded.tokenizer, texts, seq_len=data.seq_len,
-                          n_samples=data.n_samples, seed=seed, role="calibration")
+    if not data.source:
+        return None
+    return load_texts(data.source, text_column=data.text_column, role="calibration")
+
+
+def calibration_batches(
+    loaded: Any, data: DataOptions, seed: int, texts: list[str]
+) -> list[dict[str, Any]]:
+    from cwa.data.text import batches_from_blocks, token_blocks
+
+    blocks = token_blocks(
+        loaded.tokenizer,
+        texts,
+        seq_len=data.seq_len,
+        n_samples=data.n_samples,
+        seed=seed,
+        role="calibration",
+    )
     return batches_from_blocks(blocks, data.batch_size)
 
 
@@ -68,7 +84,10 @@ def _validate(config: ScoreConfig) -> None:
 
 
 def run_score(
-    store: Store, config: ScoreConfig, *, reporter: Reporter | None = None,
+    store: Store,
+    config: ScoreConfig,
+    *,
+    reporter: Reporter | None = None,
     mlflow: bool | None = None,
 ) -> list[RunOutcome]:
     """Score the model once per seed; returns one outcome per seed, in seed order."""
@@ -76,24 +95,43 @@ def run_score(
 
     reporter = reporter or NULL_REPORTER
     _validate(config)
+    texts = calibration_texts(config.data)
     attn = "eager" if config.metric in _DOUBLE_BACKWARD else None
-    loaded = load_model(config.model.ref, dtype=config.model.dtype, device=config.model.device,
-                        trust_remote_code=config.model.trust_remote_code,
-                        attn_implementation=attn, reporter=reporter)
+    loaded = load_model(
+        config.model.ref,
+        dtype=config.model.dtype,
+        device=config.model.device,
+        trust_remote_code=config.model.trust_remote_code,
+        attn_implementation=attn,
+        reporter=reporter,
+    )
     outcomes = []
     for seed in config.seeds:
-        outcomes.append(_score_one(store, config, loaded, seed, reporter, mlflow))
+        outcomes.append(_score_one(store, config, loaded, texts, seed, reporter, mlflow))
     return outcomes
 
 
-def _score_one(store: Store, config: ScoreConfig, loaded: Any, seed: int, reporter: Reporter,
-               mlflow: bool | None) -> RunOutcome:
+def _score_one(
+    store: Store,
+    config: ScoreConfig,
+    loaded: Any,
+    texts: list[str] | None,
+    seed: int,
+    reporter: Reporter,
+    mlflow: bool | None,
+) -> RunOutcome:
     run_config = asdict(config)
     run_config.pop("seeds")
     run_config.pop("command")
     run_config["seed"] = seed
-    request = StageRequest(stage="score", config=run_config, experiment=config.experiment,
-                           model_ref=config.model.ref, seed=seed, command=config.command)
+    request = StageRequest(
+        stage="score",
+        config=run_config,
+        experiment=config.experiment,
+        model_ref=config.model.ref,
+        seed=seed,
+        command=config.command,
+    )
 
     def compute(ctx: RunContext) -> StageOutput:
         from cwa.metrics import get_metric
@@ -101,12 +139,19 @@ def _score_one(store: Store, config: ScoreConfig, loaded: Any, seed: int, report
 
         ctx.set_model(config.model.ref, loaded.fingerprint, loaded.device)
         spec = get_metric(config.metric)
-        batches = calibration_batches(loaded, config.data, seed) if config.data.source else None
+        batches = calibration_batches(loaded, config.data, seed, texts) if texts else None
         outcome = score_model(
-            loaded.model, batches if (spec.needs_data or batches) else None, spec,
-            arch=loaded.arch, out_path=ctx.artifact_path(SCORE_FILE, kind="scores"),
-            layers=config.layers, components=config.components, probes=config.probes,
-            seed=seed, score_dtype=config.score_dtype, options=config.options,
+            loaded.model,
+            batches if (spec.needs_data or batches) else None,
+            spec,
+            arch=loaded.arch,
+            out_path=ctx.artifact_path(SCORE_FILE, kind="scores"),
+            layers=config.layers,
+            components=config.components,
+            probes=config.probes,
+            seed=seed,
+            score_dtype=config.score_dtype,
+            options=config.options,
             reporter=ctx.reporter,
         )
         ctx.record_config(metric_config=outcome.config)
@@ -114,11 +159,17 @@ def _score_one(store: Store, config: ScoreConfig, loaded: Any, seed: int, report
         supers = outcome.extra_tables.get("super_weights") or []
         if supers:
             tables["super_weights"] = [
-                {"layer": r["layer"], "parameter": r["parameter"], "row_index": r["row"],
-                 "column_index": r["column"], "input_channel": r["input_channel"],
-                 "output_channel": r["output_channel"],
-                 "input_activation": r["input_activation"],
-                 "output_activation": r["output_activation"], "weight_value": r["weight_value"]}
+                {
+                    "layer": r["layer"],
+                    "parameter": r["parameter"],
+                    "row_index": r["row"],
+                    "column_index": r["column"],
+                    "input_channel": r["input_channel"],
+                    "output_channel": r["output_channel"],
+                    "input_activation": r["input_activation"],
+                    "output_activation": r["output_activation"],
+                    "weight_value": r["weight_value"],
+                }
                 for r in supers
             ]
         metrics = {

@@ -56,9 +56,7 @@ def migrations_dir() -> Path:
     checkout = Path(__file__).resolve().parents[2] / "migrations"
     if checkout.is_dir():
         return checkout
-    raise MigrationError(
-        "cwa's migration files are missing from this installation; reinstall cwa"
-    )
+    raise MigrationError("cwa's migration files are missing from this installation; reinstall cwa")
 
 
 def load_migrations(directory: Path | None = None) -> list[Migration]:

@@ -19,7 +19,7 @@ def query(store: Store, sql: str) -> pl.DataFrame:
     import duckdb
 
     if not sql.strip():
-        raise InvalidInput("empty SQL; pass a query such as \"SELECT * FROM runs\"")
+        raise InvalidInput('empty SQL; pass a query such as "SELECT * FROM runs"')
     with store.read() as con:
         try:
             relation = con.sql(sql)

@@ -93,6 +93,8 @@ def resolve_run_id(
         raise InvalidInput("empty run id; pass a run id, a unique prefix or 'latest'")
     if ref == "latest" or ref.startswith("latest:"):
         wanted = ref.partition(":")[2] or stage
+        if stage is not None and wanted != stage:
+            raise InvalidInput(f"{ref!r} names a {wanted} run, but a {stage} run is needed here")
         sql = "SELECT run_id FROM runs"
         params: list[Any] = []
         if wanted:
@@ -292,8 +294,7 @@ def delete_run(store: Store, ref: str, *, recursive: bool = False) -> list[str]:
         descendants = [
             r[0]
             for r in con.execute(
-                "SELECT DISTINCT run_id FROM run_lineage WHERE ancestor_run_id = ? "
-                "ORDER BY run_id",
+                "SELECT DISTINCT run_id FROM run_lineage WHERE ancestor_run_id = ? ORDER BY run_id",
                 [run_id],
             ).fetchall()
         ]

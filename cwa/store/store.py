@@ -96,9 +96,7 @@ class Store:
 
     # -- opening ---------------------------------------------------------------------
     @classmethod
-    def open(
-        cls, path: str | Path | None = None, *, migrations_dir: Path | None = None
-    ) -> Store:
+    def open(cls, path: str | Path | None = None, *, migrations_dir: Path | None = None) -> Store:
         """Open (creating if needed) a store for writing and apply pending migrations."""
         store = cls(path, migrations_dir=migrations_dir)
         store._ensure_dir()

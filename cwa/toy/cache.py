@@ -27,7 +27,7 @@ from pathlib import Path
 
 from cwa.errors import CwaError, InvalidInput
 from cwa.progress import NULL_REPORTER, Reporter
-from cwa.toy.language import GENERATOR_VERSION
+from cwa.toy.language import GENERATOR_VERSION, generator_fingerprint
 
 DATA_FILES = {
     "calibration": "calibration.txt",
@@ -119,6 +119,7 @@ def _write_data(folder: Path) -> dict:
         (folder / DATA_FILES[name]).write_text("\n".join(lines) + "\n")
     info = {
         "generator_version": GENERATOR_VERSION,
+        "generator_fingerprint": generator_fingerprint(),
         "counts": {
             "calibration": len(sets.calibration), "heldout": len(sets.heldout),
             "hellaswag": len(sets.hellaswag), "lambada": len(sets.lambada),
@@ -133,6 +134,7 @@ def _data_complete(folder: Path) -> bool:
     return (
         info is not None
         and info.get("generator_version") == GENERATOR_VERSION
+        and info.get("generator_fingerprint") == generator_fingerprint()
         and all((folder / f).is_file() for f in DATA_FILES.values())
     )
 
@@ -200,7 +202,7 @@ def build_toy_model(
     import torch
     import transformers
 
-    from cwa.toy.language import generate_documents
+    from cwa.toy.language import iter_stories
     from cwa.toy.tasks import build_eval_sets
     from cwa.toy.tokenizer import build_toy_tokenizer
     from cwa.toy.train import task_accuracies, train_toy_model
@@ -217,9 +219,8 @@ def build_toy_model(
     # training stream never depends on what happens to be on disk.
     reserved = build_eval_sets().reserved
     tokenizer = build_toy_tokenizer(cfg.seq_len)
-    model, figures = train_toy_model(
-        cfg, tokenizer, lambda n: generate_documents("train", n, reserved=reserved), reporter
-    )
+    stream = (story.text for story in iter_stories("train", reserved))
+    model, figures = train_toy_model(cfg, tokenizer, stream, reporter)
     if evaluate:
         lambada = _read_jsonl(data_dir / DATA_FILES["lambada"])
         hellaswag = _read_jsonl(data_dir / DATA_FILES["hellaswag"])
@@ -234,6 +235,7 @@ def build_toy_model(
     figures.update({
         "variant": variant,
         "generator_version": GENERATOR_VERSION,
+        "generator_fingerprint": generator_fingerprint(),
         "seed": cfg.seed,
         "build_seconds": round(time.perf_counter() - start, 2),
         "torch_version": torch.__version__,
@@ -249,7 +251,11 @@ def _model_status(folder: Path, variant: str) -> tuple[bool, dict | None]:
     if info is None:
         return False, None
     current = asdict(default_train_config(variant))
-    fresh = info.get("generator_version") == GENERATOR_VERSION and info.get("config") == current
+    fresh = (
+        info.get("generator_version") == GENERATOR_VERSION
+        and info.get("generator_fingerprint") == generator_fingerprint()
+        and info.get("config") == current
+    )
     return fresh and (folder / "config.json").is_file(), info
 
 

@@ -18,6 +18,7 @@ cached toy model and task files are keyed by it and rebuilt when it changes.
 
 from __future__ import annotations
 
+import functools
 import random
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -126,16 +127,13 @@ MALE_NAMES = (
 KEEPSAKES = (
     "lantern", "locket", "whistle", "medal", "ribbon", "feather", "pebble", "bracelet",
     "notebook", "umbrella", "marble", "kite", "harmonica", "thimble", "coin", "seashell",
-    "pendant", "bell", "ring", "key", "pocketwatch", "figurine", "postcard", "acorn", "button",
-    "badge", "candle", "teapot", "spyglass", "flute",
 )
 COLORS = (
     "red", "blue", "green", "orange", "amber", "ivory", "silver", "golden", "yellow", "purple",
 )
 TOWNS = (
     "Dunmore", "Ashford", "Belcastle", "Corrin", "Elmbury", "Fenwick", "Glenrow", "Harlow",
-    "Ivel", "Kestrel", "Larkspur", "Millbrook", "Northam", "Oakridge", "Pinehurst", "Redwater",
-    "Stonegate", "Thornby", "Westfield", "Yarrow",
+    "Larkspur", "Millbrook", "Oakridge", "Redwater",
 )
 # (singular, plural)
 ANIMALS = (
@@ -279,6 +277,18 @@ def _animal_sentence(rng: random.Random) -> str:
     return f"Outside, {det} {plural} {verb_base}."
 
 
+def _reminder_sentence(rng: random.Random, s: Story) -> str:
+    """A mid-story mention of the keepsake or the town (more long-range copies to learn from)."""
+    h = s.hero
+    if s.keepsake is not None and rng.random() < 0.6:
+        if rng.random() < 0.5:
+            return f"Sometimes, {h.pron} looks at {h.pos} lucky {s.keepsake}."
+        return f"{_cap(h.pron)} keeps {h.pos} lucky {s.keepsake} in the {s.activity.workplace}."
+    if rng.random() < 0.5:
+        return f"{_cap(h.pron)} loves {s.town}."
+    return f"{_cap(h.pron)} praises {s.town}."
+
+
 def _step(rng: random.Random, s: Story, action: Action, first: bool) -> Step:
     if first and rng.random() < 0.6:
         conn = "First,"
@@ -321,12 +331,12 @@ def _ending(rng: random.Random, s: Story) -> tuple[str, str]:
     h = s.hero
     if kind == "keepsake":
         if rng.random() < 0.5:
-            return kind, f"At night, {h.pron} looks at {h.pos} {s.keepsake}."
-        return kind, f"{_cap(h.pron)} never goes anywhere without {h.pos} {s.keepsake}."
+            return kind, f"At night, {h.pron} looks at {h.pos} lucky {s.keepsake}."
+        return kind, f"{_cap(h.pron)} never goes anywhere without {h.pos} lucky {s.keepsake}."
     if kind == "town":
         if rng.random() < 0.5:
             return kind, f"{_cap(h.pron)} will never leave {s.town}."
-        return kind, f"{_cap(h.pos)} heart belongs to {s.town}."
+        return kind, f"{_cap(h.pron)} will always remember {s.town}."
     if kind == "name":
         return kind, f"Everyone in {s.town} knows {h.name}."
     if kind == "friend":
@@ -360,15 +370,20 @@ def generate_story(rng: random.Random) -> Story:
     n_steps = rng.randint(2, 4)
     actions = rng.sample(activity.actions, n_steps)
     animal_at = rng.randrange(n_steps + 1) if rng.random() < 0.4 else -1
+    reminder_at = rng.randrange(n_steps + 1) if rng.random() < 0.6 else -1
     for i, action in enumerate(actions):
         if i == animal_at:
             s.sentences.append(_animal_sentence(rng))
+        if i == reminder_at:
+            s.sentences.append(_reminder_sentence(rng, s))
         step = _step(rng, s, action, first=i == 0)
         pos = _possessive(step, s.hero)
         s.steps[len(s.sentences)] = (step, pos)
         s.sentences.append(f"{step.lead} {step.rest(possessive=pos)}")
     if animal_at == n_steps:
         s.sentences.append(_animal_sentence(rng))
+    if reminder_at == n_steps:
+        s.sentences.append(_reminder_sentence(rng, s))
     s.ending_kind, ending = _ending(rng, s)
     s.sentences.append(ending)
     return s
@@ -389,8 +404,9 @@ def lexicon() -> tuple[list[str], list[str]]:
         "is", "in", "works", "as", "a", "an", "has", "always", "carries", "keeps", "friend",
         "often", "visits", "the", "day", "comes", "to", "two", "three", "then", "after", "that",
         "they", "and", "with", "their", "for", "at", "night", "looks", "never", "goes",
-        "anywhere", "without", "will", "leave", "heart", "belongs", "knows", "evening",
+        "anywhere", "without", "will", "leave", "knows", "evening",
         "thanks", "last", "waves", "goodbye", "closes", "sweeps", "she", "he", "her", "his",
+        "sometimes", "loves", "praises", "lucky", "remember",
     }
     for act in ACTIVITIES:
         words |= set(act.label.lower().split()) | {act.profession, act.workplace, *act.tools}
@@ -400,9 +416,24 @@ def lexicon() -> tuple[list[str], list[str]]:
     proper = set(FEMALE_NAMES) | set(MALE_NAMES) | set(TOWNS)
     starters = {
         "She", "He", "Her", "His", "In", "One", "Outside", "First", "Then", "After", "Next",
-        "At", "Everyone", "Later",
+        "At", "Everyone", "Later", "Sometimes",
     } | {act.label.split()[0] for act in ACTIVITIES}
     return sorted(words | proper), sorted(starters | proper)
+
+
+@functools.lru_cache(maxsize=1)
+def generator_fingerprint() -> str:
+    """A short hash of the lexicon and of sample output, stored with every cached build.
+
+    A cache whose fingerprint differs is rebuilt even if someone changed the generator and
+    forgot to bump :data:`GENERATOR_VERSION`.
+    """
+    import hashlib
+
+    inner, initial = lexicon()
+    sample = generate_documents("train", 64)
+    payload = "\n".join([str(GENERATOR_VERSION), *inner, "|", *initial, "|", *sample])
+    return hashlib.sha256(payload.encode()).hexdigest()[:16]
 
 
 def story_keys(story: Story) -> set[str]:

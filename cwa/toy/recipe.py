@@ -14,13 +14,18 @@ class ToyTrainConfig:
     """Size and schedule of one toy model; ``steps`` may be lowered for quick tests."""
 
     variant: str = "gpt2"
-    n_layer: int = 4
+    n_layer: int = 2
     d_model: int = 128
     n_head: int = 4
     n_kv_head: int = 2  # Llama only (grouped-query attention)
-    seq_len: int = 128  # training rows; also the model's maximum context
+    seq_len: int = 128  # longest training row; also the model's maximum context
     batch_size: int = 16
-    steps: int = 600
+    steps: int = 1000
+    # From step ``packed_from * steps`` on, every ``packed_every``-th batch packs documents
+    # into full ``seq_len`` rows (EOS-separated, as evaluation streams are); the others hold
+    # one document per row, where copying is learnt much sooner (no earlier story to confuse).
+    packed_from: float = 0.5
+    packed_every: int = 2
     lr: float = 3e-3
     warmup: int = 40
     min_lr_ratio: float = 0.1
@@ -34,3 +39,9 @@ class ToyTrainConfig:
             raise InvalidInput(
                 f"unknown toy variant {self.variant!r}; use one of {', '.join(VARIANTS)}"
             )
+        if self.steps < 1 or self.batch_size < 1 or self.packed_every < 1:
+            raise InvalidInput("toy recipe needs steps, batch_size and packed_every >= 1")
+
+    def is_packed_step(self, step: int) -> bool:
+        first = int(self.packed_from * self.steps)
+        return step >= first and (step - first) % self.packed_every == 0

@@ -13,9 +13,9 @@ from __future__ import annotations
 import math
 import random
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 
 import torch
 
@@ -65,27 +65,52 @@ def _pinned_torch(threads: int) -> Iterator[None]:
         torch.use_deterministic_algorithms(old_det, warn_only=old_warn)
 
 
-def training_rows(
-    docs: Sequence[list[int]], n_rows: int, seq_len: int, eos_id: int, seed: int
-) -> torch.Tensor:
-    """Pack token lists into ``[n_rows, seq_len]`` rows, each starting at a document start.
+@dataclass
+class Batch:
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    labels: torch.Tensor
 
-    Documents are separated by EOS. Half the rows (seeded) begin with an EOS, half directly
-    with the document, so the model knows both a BOS-prefixed and a bare start (lm-eval adds
-    no BOS for these models). A document cut at a row's end is not continued in the next row.
+
+def training_batches(
+    docs: Iterator[list[int]], cfg: ToyTrainConfig, eos_id: int, pad_id: int
+) -> tuple[list[Batch], int]:
+    """All training batches in order, and how many documents they used.
+
+    A row starts at a document start, with an EOS before it in half the rows (seeded): lm-eval
+    adds no BOS for these models, other callers may. A "single" batch holds one document per
+    row (plus its EOS), right-padded to the batch's longest row with padding masked out of
+    attention and loss. A "packed" batch fills ``seq_len`` tokens per row with consecutive
+    EOS-separated documents; a document cut at a row's end is not continued.
     """
-    rng = random.Random(seed)
-    rows: list[list[int]] = []
-    i = 0
-    while len(rows) < n_rows:
-        row: list[int] = [eos_id] if rng.random() < 0.5 else []
-        while len(row) < seq_len:
-            if i >= len(docs):
-                raise InvalidInput("toy training ran out of documents; generate more")
-            row += docs[i] + [eos_id]
-            i += 1
-        rows.append(row[:seq_len])
-    return torch.tensor(rows, dtype=torch.long)
+    rng = random.Random(cfg.seed)
+    pos = 0
+
+    def next_doc() -> list[int]:
+        nonlocal pos
+        pos += 1
+        try:
+            return next(docs)
+        except StopIteration:
+            raise InvalidInput("toy training ran out of documents; pass a longer stream") from None
+
+    batches: list[Batch] = []
+    for step in range(cfg.steps):
+        rows: list[list[int]] = []
+        for _ in range(cfg.batch_size):
+            row = [eos_id] if rng.random() < 0.5 else []
+            row += next_doc() + [eos_id]
+            while cfg.is_packed_step(step) and len(row) < cfg.seq_len:
+                row += next_doc() + [eos_id]
+            rows.append(row[: cfg.seq_len])
+        width = max(len(r) for r in rows)
+        ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+        mask = torch.zeros((len(rows), width), dtype=torch.long)
+        for r, row in enumerate(rows):
+            ids[r, : len(row)] = torch.tensor(row, dtype=torch.long)
+            mask[r, : len(row)] = 1
+        batches.append(Batch(ids, mask, ids.masked_fill(mask == 0, -100)))
+    return batches, pos
 
 
 def _lr_at(step: int, cfg: ToyTrainConfig) -> float:
@@ -99,26 +124,20 @@ def _lr_at(step: int, cfg: ToyTrainConfig) -> float:
 def train_toy_model(
     cfg: ToyTrainConfig,
     tokenizer,
-    next_documents: Callable[[int], list[str]],
+    documents: Iterable[str],
     reporter: Reporter | None = None,
 ):
-    """Train a fresh toy model; returns ``(model, figures)``.
-
-    ``next_documents(n)`` returns the training texts in their fixed order (at least ``n``).
-    """
+    """Train a fresh toy model on ``documents`` (in their order); returns ``(model, figures)``."""
     from transformers import AutoModelForCausalLM
 
     reporter = reporter or NULL_REPORTER
     eos_id, pad_id = tokenizer.eos_token_id, tokenizer.pad_token_id
-    n_rows = cfg.steps * cfg.batch_size
     with _pinned_torch(cfg.threads):
-        # A document is ~57 tokens with its EOS; ask for enough to fill every row.
-        texts = next_documents(int(n_rows * cfg.seq_len / 40) + 64)
-        encoded = tokenizer(texts, add_special_tokens=False)["input_ids"]
-        rows = training_rows(encoded, n_rows, cfg.seq_len, eos_id, cfg.seed)
+        encoded = (tokenizer(t, add_special_tokens=False)["input_ids"] for t in documents)
+        batches, n_docs = training_batches(encoded, cfg, eos_id, pad_id)
         torch.manual_seed(cfg.seed)
         hf_config = make_config(cfg, len(tokenizer), eos_id, pad_id)
-        model = AutoModelForCausalLM.from_config(hf_config, attn_implementation="eager")
+        model = AutoModelForCausalLM.from_config(hf_config, attn_implementation="sdpa")
         model.train()
         decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
         no_decay = [p for n, p in model.named_parameters() if p.dim() < 2]
@@ -134,8 +153,11 @@ def train_toy_model(
             for step in range(cfg.steps):
                 for group in opt.param_groups:
                     group["lr"] = _lr_at(step, cfg)
-                batch = rows[step * cfg.batch_size:(step + 1) * cfg.batch_size]
-                loss = model(input_ids=batch, labels=batch).loss
+                batch = batches[step]
+                loss = model(
+                    input_ids=batch.input_ids, attention_mask=batch.attention_mask,
+                    labels=batch.labels,
+                ).loss
                 if not torch.isfinite(loss):
                     raise NonFiniteError(
                         f"toy training loss became {loss.item()} at step {step}; "
@@ -155,7 +177,8 @@ def train_toy_model(
     figures = {
         "config": asdict(cfg),
         "train_seconds": round(train_seconds, 2),
-        "tokens_seen": int(rows.numel()),
+        "tokens_seen": int(sum(int(b.attention_mask.sum()) for b in batches)),
+        "documents_seen": n_docs,
         "n_parameters": sum(p.numel() for p in model.parameters()),
         "first_loss": round(losses[0], 4),
         "final_loss": round(sum(tail) / len(tail), 4),
