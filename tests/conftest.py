@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import sys
 from pathlib import Path
 
@@ -11,8 +10,13 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 
 
+pytest_plugins = ["_toy_fixture"]
+
+
 @pytest.fixture(autouse=True)
-def _isolated_environment(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def _isolated_environment(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, toy_cache_dir: Path
+) -> None:
     monkeypatch.setenv("CWA_STORE", str(tmp_path / "store"))
     monkeypatch.setenv("CWA_MLFLOW", "0")
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
@@ -21,19 +25,8 @@ def _isolated_environment(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> No
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     monkeypatch.delenv("CWA_DEBUG", raising=False)
     monkeypatch.setenv("CWA_LOCK_TIMEOUT", "20")
-    monkeypatch.setenv("CWA_CACHE", os.environ.get("CWA_TEST_CACHE", str(_session_cache())))
-
-
-_CACHE: list[Path] = []
-
-
-def _session_cache() -> Path:
-    """One toy-model cache per test session (the toy model is built once, then reused)."""
-    if not _CACHE:
-        import tempfile
-
-        _CACHE.append(Path(tempfile.mkdtemp(prefix="cwa-test-cache-")))
-    return _CACHE[0]
+    # One toy cache per test session: the toy model is built at most once, then reused.
+    monkeypatch.setenv("CWA_CACHE", str(toy_cache_dir))
 
 
 @pytest.fixture

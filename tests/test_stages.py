@@ -251,3 +251,39 @@ def test_stage_bad_input(cli, tiny_world, store_path, args, message) -> None:
     assert "Traceback" not in result.stderr
     if store_path.exists():
         assert _rows(store_path, "SELECT count(*) FROM runs WHERE status = 'succeeded'") == [(0,)]
+
+
+def test_user_metric_plugin_by_module_function(
+    cli, tiny_world, store_path, tmp_path, monkeypatch
+) -> None:
+    plugin = tmp_path / "my_metrics.py"
+    plugin.write_text(
+        "version = '7'\n"
+        "def squared_weight(ctx):\n"
+        "    for name in ctx.selected:\n"
+        "        yield name, ctx.parameters[name].detach().float() ** 2\n"
+        "squared_weight.version = '7'\n"
+        "squared_weight.needs_data = False\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    (run_id,) = _score(cli, tiny_world, "--metric", "my_metrics:squared_weight")
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_world["model"])
+    with safe_open(str(store_path / "artifacts" / run_id / "scores.safetensors"), "pt") as f:
+        for name, param in model.named_parameters():
+            assert torch.equal(f.get_tensor(name), param.detach() ** 2)
+
+
+def test_model_inspect_cli(cli, tiny_world) -> None:
+    out = _ok(cli("--json", "model", "inspect", str(tiny_world["model"])))
+    assert out["family"] == "gpt2" and out["n_layers"] == 2 and out["n_heads"] == 4
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_world["model"])
+    assert out["total_params"] == sum(p.numel() for p in model.parameters())
+    assert sum(r["n_params"] for r in out["rows"]) == out["total_params"]
+    human = cli("model", "inspect", str(tiny_world["model"]))
+    assert human.exit_code == 0 and "attn_q" in human.stdout
+    missing = cli("model", "inspect", "/nonexistent/model")
+    assert missing.exit_code == 1 and missing.stderr.startswith("Error: ")
