@@ -52,19 +52,21 @@ class RichReporter:
             transient=True,
         )
         self._open = 0
+        self._started = False
 
     def task(self, description: str, total: int | None = None) -> _RichTask | _QuietTask:
         if self.quiet:
             return _QuietTask()
-        if self._open == 0:
+        if not self._started:
             self.progress.start()
+            self._started = True
         self._open += 1
         return _RichTask(self, self.progress.add_task(description, total=total))
 
     def _task_closed(self) -> None:
+        # Keep the live display running between tasks: stopping and restarting it would leave
+        # a blank line on stderr each time. It stops once, in stop().
         self._open -= 1
-        if self._open == 0:
-            self.progress.stop()
 
     def info(self, message: str) -> None:
         if not self.quiet:
@@ -74,6 +76,7 @@ class RichReporter:
         self.progress.console.print(f"[yellow]Warning:[/yellow] {message}", highlight=False)
 
     def stop(self) -> None:
-        if self._open:
+        if self._started:
             self._open = 0
+            self._started = False
             self.progress.stop()

@@ -122,15 +122,19 @@ def perturb_cmd(
         print_damage_table(outcome.value["summary"], title=f"perturb run {outcome.run_id}")
 
 
-def print_damage_table(summary: dict, *, title: str) -> None:
+def print_damage_table(summary: dict, *, title: str, to_stdout: bool = False) -> None:
+    """Mean metric per selection next to the baseline (token counts left out)."""
     rows = []
     for (selection, task, metric), s in sorted(
         summary.items(), key=lambda kv: (kv[0][1], kv[0][2], kv[0][0])
     ):
+        if metric == "tokens":
+            continue
         rows.append(
             (task, metric, selection, s["baseline"], s["mean"], s["std"], int(s["n"]), s["ratio"])
         )
-    _output.stderr.print(
+    console = _output.stdout if to_stdout else _output.stderr
+    console.print(
         _output.table(
             ("task", "metric", "selection", "baseline", "mean", "std over seeds", "n", "ratio"),
             rows,

@@ -110,7 +110,9 @@ def report(ctx: typer.Context, result) -> None:
     for stage, run_id in result.run_ids.items():
         print(f"{stage}\t{run_id}")
     print_damage_table(
-        result.summary, title=f"damage per selection (perturb run {result.perturb.run_id})"
+        result.summary,
+        to_stdout=True,
+        title=f"damage per selection (perturb run {result.perturb.run_id})",
     )
     if result.exported:
         _output.info(

@@ -287,3 +287,58 @@ def test_model_inspect_cli(cli, tiny_world) -> None:
     assert human.exit_code == 0 and "attn_q" in human.stdout
     missing = cli("model", "inspect", "/nonexistent/model")
     assert missing.exit_code == 1 and missing.stderr.startswith("Error: ")
+
+
+def test_cwa_run_chains_stages_with_lineage_and_exports(
+    cli, tiny_world, store_path, tmp_path
+) -> None:
+    out_dir = tmp_path / "results"
+    out = _ok(
+        cli(
+            "--json",
+            "run",
+            "--model",
+            str(tiny_world["model"]),
+            "--data",
+            str(tiny_world["text"]),
+            "--n-samples",
+            "8",
+            "--seq-len",
+            "16",
+            "--topk",
+            "20",
+            "--perturb",
+            "zero",
+            "--controls",
+            "random_k",
+            "--seeds",
+            "0,1",
+            "--tasks",
+            f"perplexity:{tiny_world['text']}",
+            "--out-dir",
+            str(out_dir),
+        )
+    )
+    runs = out["runs"]
+    lineage = dict(_rows(store_path, "SELECT run_id, parent_run_id FROM run_parents"))
+    assert lineage[runs["rank"]] == runs["score"]
+    assert lineage[runs["perturb"]] == runs["rank"]
+    assert {s["selection"] for s in out["summary"]} == {"top_k", "random_k"}
+    for name in (
+        "top_weights.csv",
+        "perturbation_results.csv",
+        "sensitivity_stats.csv",
+        "config.json",
+        "manifest.json",
+    ):
+        assert (out_dir / name).is_file(), name
+    manifest = json.loads((out_dir / "manifest.json").read_text())
+    assert manifest["runs"] == runs
+    assert len((out_dir / "top_weights.csv").read_text().splitlines()) == 21
+    # the baseline was evaluated once, by the evaluate run, and reused by perturb
+    reused = _rows(
+        store_path,
+        "SELECT DISTINCT reused_from FROM evaluations WHERE run_id = ? AND condition_id IS NULL",
+        [runs["perturb"]],
+    )
+    assert reused == [(runs["evaluate"],)]

@@ -10,7 +10,7 @@ import json
 import os
 import threading
 import time
-from dataclasses import replace
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import pytest
@@ -24,8 +24,10 @@ from cwa.toy import ToyTrainConfig, build_toy_model, ensure_toy_model, toy_info
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-QUICK = {"gpt2": ToyTrainConfig(variant="gpt2", steps=4),
-         "llama": ToyTrainConfig(variant="llama", steps=4)}
+# One thread: immune to OpenMP spin-waiting when the test machine is busy (the real build
+# uses two threads in a child process that waits politely; see cwa.toy.worker).
+QUICK = {v: ToyTrainConfig(variant=v, steps=4, eval_items=20, threads=1)
+         for v in ("gpt2", "llama")}
 
 
 class CountingReporter(NullReporter):
@@ -49,11 +51,10 @@ class CountingReporter(NullReporter):
 
 @pytest.mark.parametrize("variant", ["gpt2", "llama"])
 def test_same_seed_gives_bit_identical_weights(tmp_path, variant):
-    cfg = QUICK[variant]
-    a = build_toy_model(tmp_path / "a", variant, config=cfg, cache_dir=tmp_path, evaluate=False)
-    b = build_toy_model(tmp_path / "b", variant, config=cfg, cache_dir=tmp_path, evaluate=False)
-    c = build_toy_model(tmp_path / "c", variant, config=replace(cfg, seed=1),
-                        cache_dir=tmp_path, evaluate=False)
+    cfg = replace(QUICK[variant], eval_items=0)
+    a = build_toy_model(tmp_path / "a", variant, config=cfg, cache_dir=tmp_path)
+    b = build_toy_model(tmp_path / "b", variant, config=cfg, cache_dir=tmp_path)
+    c = build_toy_model(tmp_path / "c", variant, config=replace(cfg, seed=1), cache_dir=tmp_path)
     wa = load_file(tmp_path / "a" / "model.safetensors")
     wb = load_file(tmp_path / "b" / "model.safetensors")
     wc = load_file(tmp_path / "c" / "model.safetensors")
@@ -99,67 +100,88 @@ def test_unknown_variant_is_a_clear_error(tmp_path):
         ensure_toy_model("mamba", cache_dir=tmp_path)
 
 
+def _fake_build(calls: list[Path], sleep: float = 0.0):
+    """Stands in for the child-process build: writes a valid marker at once."""
+
+    def build(folder, variant, cfg, cache_dir, reporter):
+        calls.append(Path(folder))
+        time.sleep(sleep)
+        (Path(folder) / "config.json").write_text("{}")
+        marker = {"generator_version": toy_cache.GENERATOR_VERSION,
+                  "generator_fingerprint": toy_cache.generator_fingerprint(),
+                  "config": asdict(cfg), "final_loss": 1.0}
+        (Path(folder) / "cwa_toy.json").write_text(json.dumps(marker))
+        return marker
+
+    return build
+
+
 @pytest.fixture
 def quick_recipe(monkeypatch):
-    """Make the 'cached recipe' a 4-step one and count real builds."""
-    calls: list[Path] = []
-    real_build = toy_cache.build_toy_model
-
-    def counting_build(folder, variant="gpt2", **kw):
-        calls.append(Path(folder))
-        return real_build(folder, variant, **kw)
-
+    """Make the cached recipe a 4-step one."""
     monkeypatch.setattr(toy_cache, "default_train_config", lambda v: QUICK[v])
-    monkeypatch.setattr(toy_cache, "build_toy_model", counting_build)
-    return calls
 
 
-def test_cache_builds_once_then_loads(tmp_path, quick_recipe):
+def test_cache_builds_once_in_a_child_process_then_loads(tmp_path, quick_recipe, monkeypatch):
+    calls: list[Path] = []
+    real = toy_cache._build_for_cache
+
+    def spy(folder, variant, cfg, cache_dir, reporter):
+        calls.append(Path(folder))
+        return real(folder, variant, cfg, cache_dir, reporter)
+
+    monkeypatch.setattr(toy_cache, "_build_for_cache", spy)
     info = toy_info(tmp_path)
     assert not info["models"]["gpt2"]["built"] and not info["data"]["built"]
-    path = ensure_toy_model("gpt2", cache_dir=tmp_path)
+    reporter = CountingReporter()
+    path = ensure_toy_model("gpt2", cache_dir=tmp_path, reporter=reporter)
     assert path == tmp_path / "toy" / f"gpt2-v{toy_cache.GENERATOR_VERSION}"
-    assert len(quick_recipe) == 1
+    assert len(calls) == 1
+    # the child's progress reached this process's reporter
+    assert reporter.tasks == [("training toy-gpt2", 4)] and reporter.advanced == 4
     marker = (path / "cwa_toy.json").read_bytes()
+    # the child-built model equals an in-process build of the same recipe, bit for bit
+    build_toy_model(tmp_path / "inproc", "gpt2", config=QUICK["gpt2"], cache_dir=tmp_path)
+    assert (path / "model.safetensors").read_bytes() == \
+        (tmp_path / "inproc" / "model.safetensors").read_bytes()
     assert ensure_toy_model("gpt2", cache_dir=tmp_path) == path
-    assert len(quick_recipe) == 1
+    assert len(calls) == 1
     assert (path / "cwa_toy.json").read_bytes() == marker
     info = toy_info(tmp_path)
     assert info["models"]["gpt2"]["built"] and info["data"]["built"]
     assert info["models"]["gpt2"]["figures"]["final_loss"] > 0
     assert not info["models"]["llama"]["built"]
-    # CWA_CACHE is the default location
-    os.environ["CWA_CACHE"] = str(tmp_path)
-    try:
-        assert ensure_toy_model() == path and len(quick_recipe) == 1
-    finally:
-        del os.environ["CWA_CACHE"]
-    # force rebuilds; no temporary folder is left behind
-    ensure_toy_model("gpt2", cache_dir=tmp_path, force=True)
-    assert len(quick_recipe) == 2
-    assert sorted(p.name for p in (tmp_path / "toy").iterdir() if not p.name.endswith(".lock")) \
-        == sorted([path.name, f"data-v{toy_cache.GENERATOR_VERSION}"])
+    monkeypatch.setenv("CWA_CACHE", str(tmp_path))
+    assert ensure_toy_model() == path and len(calls) == 1
 
 
-def test_changed_recipe_or_generator_version_rebuilds(tmp_path, quick_recipe, monkeypatch):
+def test_force_changed_recipe_or_generator_version_rebuild(tmp_path, quick_recipe, monkeypatch):
+    calls: list[Path] = []
+    monkeypatch.setattr(toy_cache, "_build_for_cache", _fake_build(calls))
     path = ensure_toy_model("gpt2", cache_dir=tmp_path)
-    monkeypatch.setattr(toy_cache, "default_train_config",
-                        lambda v: replace(QUICK[v], steps=5))
+    assert ensure_toy_model("gpt2", cache_dir=tmp_path) == path and len(calls) == 1
+    ensure_toy_model("gpt2", cache_dir=tmp_path, force=True)
+    assert len(calls) == 2
+    # no temporary or trash folder is left behind
+    names = sorted(p.name for p in (tmp_path / "toy").iterdir() if not p.name.endswith(".lock"))
+    assert names == sorted([path.name, f"data-v{toy_cache.GENERATOR_VERSION}"])
+    monkeypatch.setattr(toy_cache, "default_train_config", lambda v: replace(QUICK[v], steps=5))
     assert toy_info(tmp_path)["models"]["gpt2"]["stale"]
-    assert ensure_toy_model("gpt2", cache_dir=tmp_path) == path
-    assert len(quick_recipe) == 2
+    assert ensure_toy_model("gpt2", cache_dir=tmp_path) == path and len(calls) == 3
     assert json.loads((path / "cwa_toy.json").read_text())["config"]["steps"] == 5
+    monkeypatch.setattr(toy_cache, "generator_fingerprint", lambda: "changed")
+    assert toy_info(tmp_path)["models"]["gpt2"]["stale"]
     monkeypatch.setattr(toy_cache, "GENERATOR_VERSION", 999)
     new = ensure_toy_model("gpt2", cache_dir=tmp_path)
-    assert new.name == "gpt2-v999" and len(quick_recipe) == 3
+    assert new.name == "gpt2-v999" and len(calls) == 4
 
 
 def test_crash_during_build_leaves_no_half_cache(tmp_path, monkeypatch):
-    def crashing_build(folder, variant="gpt2", **kw):
+    def crashing_build(folder, variant, cfg, cache_dir, reporter):
         (Path(folder) / "config.json").write_text("{}")
         raise CwaError("simulated crash")
 
-    monkeypatch.setattr(toy_cache, "build_toy_model", crashing_build)
+    monkeypatch.setattr(toy_cache, "_build_for_cache", crashing_build)
     with pytest.raises(CwaError, match="simulated"):
         ensure_toy_model("gpt2", cache_dir=tmp_path)
     left = [p.name for p in (tmp_path / "toy").iterdir()
@@ -168,21 +190,30 @@ def test_crash_during_build_leaves_no_half_cache(tmp_path, monkeypatch):
     assert not toy_info(tmp_path)["models"]["gpt2"]["built"]
 
 
+def test_failing_child_process_is_a_clear_error(tmp_path):
+    from cwa.toy import ToyBuildError
+    from cwa.toy.worker import run_build_in_child
+
+    # a typed error inside the child comes back with its class and message
+    bad_pair = asdict(QUICK["llama"])
+    with pytest.raises(ToyBuildError, match="InvalidInput: toy config is for 'llama'"):
+        run_build_in_child(tmp_path / "a", "gpt2", bad_pair, str(tmp_path))
+    # any other crash names the exit code and the last line the child wrote to stderr
+    bad_heads = asdict(replace(QUICK["gpt2"], n_head=3))
+    with pytest.raises(ToyBuildError, match="exited with code 1 .*divisible"):
+        run_build_in_child(tmp_path / "b", "gpt2", bad_heads, str(tmp_path))
+
+
+def test_recipe_rejects_bad_values():
+    with pytest.raises(InvalidInput, match="learning rate"):
+        ToyTrainConfig(lr=float("nan"))
+    with pytest.raises(InvalidInput, match="steps"):
+        ToyTrainConfig(steps=0)
+
+
 def test_concurrent_builders_build_once(tmp_path, monkeypatch):
-    calls = []
-
-    def slow_build(folder, variant="gpt2", **kw):
-        calls.append(folder)
-        time.sleep(0.5)
-        folder = Path(folder)
-        (folder / "config.json").write_text("{}")
-        cfg = toy_cache.default_train_config(variant)
-        marker = {"generator_version": toy_cache.GENERATOR_VERSION,
-                  "config": toy_cache.asdict(cfg)}
-        (folder / "cwa_toy.json").write_text(json.dumps(marker))
-        return marker
-
-    monkeypatch.setattr(toy_cache, "build_toy_model", slow_build)
+    calls: list[Path] = []
+    monkeypatch.setattr(toy_cache, "_build_for_cache", _fake_build(calls, sleep=0.5))
     results: list[Path] = []
     threads = [threading.Thread(target=lambda: results.append(
         ensure_toy_model("gpt2", cache_dir=tmp_path))) for _ in range(3)]

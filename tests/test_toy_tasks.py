@@ -130,8 +130,10 @@ def _sentence_prefixes(doc: str) -> set[str]:
 
 def test_no_text_is_shared_between_training_calibration_heldout_and_tasks(data):
     cfg = ToyTrainConfig()
-    # the training stream exactly as the real build draws it (at least as many documents)
-    n_train = int(cfg.steps * cfg.batch_size * cfg.seq_len / 40) + 64
+    # the training stream as the real build draws it, at least as many documents: one per
+    # row, or for packed rows as many as fit (every story has more than 24 tokens)
+    n_packed = sum(cfg.is_packed_step(s) for s in range(cfg.steps))
+    n_train = cfg.batch_size * (cfg.steps + n_packed * (cfg.seq_len // 24))
     train = generate_documents("train", n_train, reserved=build_eval_sets().reserved)
     lambada_docs = [d["text"] + "." for d in data["lambada"]]
     doc_sets = {

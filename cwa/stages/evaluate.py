@@ -95,6 +95,7 @@ def run_evaluate(
     *,
     reporter: Reporter | None = None,
     mlflow: bool | None = None,
+    loaded: Any = None,
 ) -> RunOutcome:
     check_positive("batch-size", config.batch_size)
     if config.limit is not None:
@@ -120,9 +121,13 @@ def run_evaluate(
     )
 
     def compute(ctx: RunContext) -> StageOutput:
-        loaded = load_for_run(ctx, config.model)
+        if loaded is None:
+            model = load_for_run(ctx, config.model)
+        else:
+            model = loaded
+            ctx.set_model(config.model.ref, model.fingerprint, model.device)
         rows = evaluate_plans(
-            loaded,
+            model,
             plans,
             store=store,
             batch_size=config.batch_size,

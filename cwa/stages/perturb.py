@@ -209,6 +209,7 @@ def run_perturb(
     *,
     reporter: Reporter | None = None,
     mlflow: bool | None = None,
+    loaded: Any = None,
 ) -> RunOutcome:
     reporter = reporter or NULL_REPORTER
     _validate(config)
@@ -255,7 +256,7 @@ def run_perturb(
     )
 
     def compute(ctx: RunContext) -> StageOutput:
-        return _sweep(ctx, store, config, rank_id, rank_run, score_run, k_values, plans)
+        return _sweep(ctx, store, config, rank_id, rank_run, score_run, k_values, plans, loaded)
 
     return execute_stage(store, request, compute, reporter=reporter, mlflow=mlflow)
 
@@ -269,6 +270,7 @@ def _sweep(
     score_run: RunRecord,
     k_values: list[int],
     plans: list[Any],
+    preloaded: Any = None,
 ) -> StageOutput:
     from cwa.evaluation.runner import evaluate_model
     from cwa.perturbation.apply import perturbed
@@ -277,7 +279,9 @@ def _sweep(
     from cwa.scorefile import open_scores
 
     reporter = ctx.reporter
-    loaded = load_source_model(store, score_run, device=config.device, reporter=reporter)
+    loaded = load_source_model(
+        store, score_run, device=config.device, reporter=reporter, loaded=preloaded
+    )
     ctx.set_model(score_run.model_ref, loaded.fingerprint, loaded.device)
     model = loaded.model
     scope, layers, components = _scope(loaded.arch, score_run, rank_run, config)

@@ -59,8 +59,20 @@ def run_pipeline(
     *,
     reporter: Reporter | None = None,
     mlflow: bool | None = None,
+    loaded: Any = None,
 ) -> PipelineResult:
+    """Run the chain, loading the model once and handing it to every stage."""
+    from cwa.evaluation.tasks import plan_tasks
+    from cwa.metrics import get_metric
+    from cwa.models.loading import load_model
+    from cwa.stages.common import is_toy_ref
+    from cwa.stages.score import _DOUBLE_BACKWARD, calibration_texts
+
     reporter = reporter or NULL_REPORTER
+    # Validate everything cheap before the first run is registered.
+    get_metric(config.metric)
+    plan_tasks(config.tasks, limit=config.limit, is_toy_model=is_toy_ref(config.model.ref))
+    calibration_texts(config.data)
     if config.mode != "global":
         raise InvalidInput(
             "cwa run perturbs a global ranking; use --mode global, or run "
@@ -72,6 +84,15 @@ def run_pipeline(
             raise InvalidInput(f"--out-dir {out_dir} is a file; give a directory")
         out_dir.mkdir(parents=True, exist_ok=True)
     common = {"experiment": config.experiment, "command": config.command}
+    if loaded is None:
+        loaded = load_model(
+            config.model.ref,
+            dtype=config.model.dtype,
+            device=config.model.device,
+            trust_remote_code=config.model.trust_remote_code,
+            attn_implementation="eager" if config.metric in _DOUBLE_BACKWARD else None,
+            reporter=reporter,
+        )
     reporter.info("[1/4] score")
     (score,) = run_score(
         store,
@@ -85,6 +106,7 @@ def run_pipeline(
         ),
         reporter=reporter,
         mlflow=mlflow,
+        loaded=loaded,
     )
     reporter.info(f"[2/4] rank (top {config.topk}, {config.mode})")
     export = str(out_dir / "top_weights.csv") if out_dir else None
@@ -100,6 +122,7 @@ def run_pipeline(
         ),
         reporter=reporter,
         mlflow=mlflow,
+        loaded=loaded,
     )
     reporter.info("[3/4] evaluate the unperturbed model")
     evaluate = run_evaluate(
@@ -107,6 +130,7 @@ def run_pipeline(
         EvaluateConfig(model=config.model, tasks=config.tasks, limit=config.limit, **common),
         reporter=reporter,
         mlflow=mlflow,
+        loaded=loaded,
     )
     reporter.info(f"[4/4] perturb ({config.method}; controls {', '.join(config.controls)})")
     perturb = run_perturb(
@@ -124,6 +148,7 @@ def run_pipeline(
         ),
         reporter=reporter,
         mlflow=mlflow,
+        loaded=loaded,
     )
     summary = perturb.value["summary"]
     exported: list[Path] = []
@@ -213,13 +238,10 @@ def run_demo(
     from cwa.models.loading import load_model
 
     reporter = reporter or NULL_REPORTER
+    loaded = load_model("toy", dtype="float32", device="cpu", reporter=reporter)
     if not config.topk:
-        loaded = load_model(
-            "toy", dtype="float32", device="cpu", reporter=reporter, load_tokenizer=False
-        )
         config.topk = max(1, round(loaded.arch.total_params * DEMO_TOPK_FRACTION))
-        del loaded
-    return run_pipeline(store, config, reporter=reporter, mlflow=mlflow)
+    return run_pipeline(store, config, reporter=reporter, mlflow=mlflow, loaded=loaded)
 
 
 def summary_dict(summary: dict[tuple[str, str, str], dict[str, float]]) -> list[dict[str, Any]]:

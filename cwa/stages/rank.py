@@ -34,9 +34,19 @@ class RankConfig:
     command: str | None = None
 
 
-def load_source_model(store: Store, run: RunRecord, *, device: str, reporter: Reporter) -> Any:
-    """Reload the model a run used and check it is still the same weights."""
+def load_source_model(
+    store: Store, run: RunRecord, *, device: str, reporter: Reporter, loaded: Any = None
+) -> Any:
+    """Reload the model a run used (or take ``loaded``) and check it has the same weights."""
     from cwa.models.loading import load_model
+
+    if loaded is not None:
+        if run.model_fingerprint and loaded.fingerprint != run.model_fingerprint:
+            raise InvalidInput(
+                f"the model given is not the one run {run.run_id} used (fingerprint "
+                f"{loaded.fingerprint[:12]} vs {run.model_fingerprint[:12]})"
+            )
+        return loaded
 
     model_cfg = run.config.get("model", {})
     loaded = load_model(
@@ -71,6 +81,7 @@ def run_rank(
     *,
     reporter: Reporter | None = None,
     mlflow: bool | None = None,
+    loaded: Any = None,
 ) -> RunOutcome:
     from cwa.ranking import RANK_MODES
 
@@ -111,17 +122,19 @@ def run_rank(
     def compute(ctx: RunContext) -> StageOutput:
         from cwa.ranking import rank_scores, ranking_frame
 
-        loaded = load_source_model(store, score_run, device=config.device, reporter=ctx.reporter)
-        ctx.set_model(score_run.model_ref, loaded.fingerprint, loaded.device)
+        loaded_model = load_source_model(
+            store, score_run, device=config.device, reporter=ctx.reporter, loaded=loaded
+        )
+        ctx.set_model(score_run.model_ref, loaded_model.fingerprint, loaded_model.device)
         rows = rank_scores(
             score_path,
-            loaded.arch,
+            loaded_model.arch,
             k=config.topk,
             mode=config.mode,
             bottom=config.bottom,
             layers=config.layers,
             components=config.components,
-            weights=dict(loaded.model.named_parameters()),
+            weights=dict(loaded_model.model.named_parameters()),
         )
         frame = ranking_frame(rows).rename(
             {"row": "row_index", "column": "column_index", "group": "group_key"}

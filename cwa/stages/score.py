@@ -89,22 +89,27 @@ def run_score(
     *,
     reporter: Reporter | None = None,
     mlflow: bool | None = None,
+    loaded: Any = None,
 ) -> list[RunOutcome]:
-    """Score the model once per seed; returns one outcome per seed, in seed order."""
+    """Score the model once per seed; returns one outcome per seed, in seed order.
+
+    ``loaded`` reuses a model already loaded (by ``cwa run``) instead of loading it again.
+    """
     from cwa.models.loading import load_model
 
     reporter = reporter or NULL_REPORTER
     _validate(config)
     texts = calibration_texts(config.data)
     attn = "eager" if config.metric in _DOUBLE_BACKWARD else None
-    loaded = load_model(
-        config.model.ref,
-        dtype=config.model.dtype,
-        device=config.model.device,
-        trust_remote_code=config.model.trust_remote_code,
-        attn_implementation=attn,
-        reporter=reporter,
-    )
+    if loaded is None:
+        loaded = load_model(
+            config.model.ref,
+            dtype=config.model.dtype,
+            device=config.model.device,
+            trust_remote_code=config.model.trust_remote_code,
+            attn_implementation=attn,
+            reporter=reporter,
+        )
     outcomes = []
     for seed in config.seeds:
         outcomes.append(_score_one(store, config, loaded, texts, seed, reporter, mlflow))

@@ -22,6 +22,8 @@ import shutil
 import tempfile
 import time
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict
 from pathlib import Path
 
@@ -73,24 +75,35 @@ def _read_json(path: Path) -> dict | None:
         return None
 
 
-def _lock(target: Path, reporter: Reporter):
-    """An exclusive file lock next to ``target`` (bounded wait, clear error)."""
+@contextmanager
+def _lock(target: Path, reporter: Reporter) -> Iterator[None]:
+    """Hold an exclusive file lock next to ``target`` (bounded wait, clear error).
+
+    While it is held no other builder of ``target`` runs, so temporary folders of ``target``
+    left by a builder that was killed are removed here.
+    """
     from filelock import FileLock, Timeout
 
     lock_path = target.parent / f".{target.name}.lock"
-    lock = FileLock(str(lock_path), timeout=LOCK_TIMEOUT_S)
+    lock = FileLock(str(lock_path))
     try:
         lock.acquire(timeout=0)
     except Timeout:
         reporter.info(f"waiting for another process that is building {target.name}")
         try:
-            lock.acquire()
+            lock.acquire(timeout=LOCK_TIMEOUT_S)
         except Timeout:
             raise ToyBuildError(
                 f"another process held {lock_path} for over {LOCK_TIMEOUT_S:.0f} s; "
                 "stop it or delete the lock file if no build is running"
             ) from None
-    return lock
+    try:
+        for pattern in (f".tmp-{target.name}-*", f".trash-{target.name}-*"):
+            for stale in target.parent.glob(pattern):
+                shutil.rmtree(stale, ignore_errors=True)
+        yield
+    finally:
+        lock.release()
 
 
 def _publish(tmp: Path, final: Path) -> None:
@@ -190,14 +203,14 @@ def build_toy_model(
     *,
     config=None,
     cache_dir: str | Path | None = None,
-    evaluate: bool = True,
     reporter: Reporter | None = None,
 ) -> dict:
     """Train a toy model and save it (HF format + tokenizer + ``cwa_toy.json``) in ``folder``.
 
-    ``config`` (a :class:`cwa.toy.train.ToyTrainConfig`) defaults to the cached recipe; tests
-    pass fewer steps. Returns the figures written to ``cwa_toy.json``. Uncached: use
-    :func:`ensure_toy_model` for the cached default.
+    ``config`` (a :class:`cwa.toy.recipe.ToyTrainConfig`) defaults to the cached recipe; tests
+    pass fewer steps. The recorded task accuracies use the first ``config.eval_items`` items of
+    each task file (none when 0). Returns the figures written to ``cwa_toy.json``. Not cached:
+    :func:`ensure_toy_model` gives the cached default.
     """
     import torch
     import transformers
@@ -221,9 +234,9 @@ def build_toy_model(
     tokenizer = build_toy_tokenizer(cfg.seq_len)
     stream = (story.text for story in iter_stories("train", reserved))
     model, figures = train_toy_model(cfg, tokenizer, stream, reporter)
-    if evaluate:
-        lambada = _read_jsonl(data_dir / DATA_FILES["lambada"])
-        hellaswag = _read_jsonl(data_dir / DATA_FILES["hellaswag"])
+    if cfg.eval_items > 0:
+        lambada = _read_jsonl(data_dir / DATA_FILES["lambada"])[: cfg.eval_items]
+        hellaswag = _read_jsonl(data_dir / DATA_FILES["hellaswag"])[: cfg.eval_items]
         threads = torch.get_num_threads()
         torch.set_num_threads(cfg.threads)
         try:
@@ -243,6 +256,17 @@ def build_toy_model(
     })
     (folder / MODEL_MARKER).write_text(json.dumps(figures, indent=2) + "\n")
     return figures
+
+
+def _build_for_cache(
+    folder: Path, variant: str, cfg, cache_dir: str | Path | None, reporter: Reporter
+) -> dict:
+    """Build the cached model in a child process (see :mod:`cwa.toy.worker` for why)."""
+    from cwa.toy.worker import run_build_in_child
+
+    return run_build_in_child(
+        folder, variant, asdict(cfg), None if cache_dir is None else str(cache_dir), reporter
+    )
 
 
 def _model_status(folder: Path, variant: str) -> tuple[bool, dict | None]:
@@ -281,9 +305,10 @@ def ensure_toy_model(
         if not force and _model_status(final, variant)[0]:
             return final
         reporter.info(f"building toy-{variant} (first use; about a minute on a CPU)")
+        ensure_toy_data(cache_dir, reporter=reporter)
         tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{final.name}-", dir=final.parent))
         try:
-            build_toy_model(tmp, variant, cache_dir=cache_dir, reporter=reporter)
+            _build_for_cache(tmp, variant, default_train_config(variant), cache_dir, reporter)
             _publish(tmp, final)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)

@@ -138,6 +138,8 @@ def train_toy_model(
         torch.manual_seed(cfg.seed)
         hf_config = make_config(cfg, len(tokenizer), eos_id, pad_id)
         model = AutoModelForCausalLM.from_config(hf_config, attn_implementation="sdpa")
+        # GPT2LMHeadModel's name does not reveal its loss; say it (silences a warning)
+        model.loss_type = "ForCausalLM"
         model.train()
         decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
         no_decay = [p for n, p in model.named_parameters() if p.dim() < 2]
