@@ -9,7 +9,9 @@ Layout under the cache directory (``CWA_CACHE``, else ``~/.cache/cwa``)::
 ``G`` is :data:`cwa.toy.language.GENERATOR_VERSION`. A folder is complete once its marker file
 exists; it is built in a temporary sibling and renamed into place, so a crash never leaves a half
 cache, and a file lock makes concurrent builders wait for one another instead of racing. A model
-built with another generator version or training recipe is rebuilt.
+built with another generator version, generator output (fingerprint) or training recipe is
+rebuilt. The cached model is trained in a child process (:mod:`cwa.toy.worker`) so that this
+process's torch settings stay untouched and a busy machine does not slow training to a crawl.
 
 This module imports no torch; training is imported only when a model must be built.
 """
@@ -167,6 +169,7 @@ def ensure_toy_data(
             return final
         reporter.info(f"generating toy data files (generator v{GENERATOR_VERSION})")
         tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{final.name}-", dir=final.parent))
+        tmp.chmod(0o755)  # mkdtemp makes it private; the published folder is an ordinary one
         try:
             _write_data(tmp)
             _publish(tmp, final)
@@ -307,6 +310,7 @@ def ensure_toy_model(
         reporter.info(f"building toy-{variant} (first use; about a minute on a CPU)")
         ensure_toy_data(cache_dir, reporter=reporter)
         tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{final.name}-", dir=final.parent))
+        tmp.chmod(0o755)  # mkdtemp makes it private; the published folder is an ordinary one
         try:
             _build_for_cache(tmp, variant, default_train_config(variant), cache_dir, reporter)
             _publish(tmp, final)

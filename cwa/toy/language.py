@@ -8,12 +8,17 @@ the real benchmarks probe:
   vowels, plural animals (``a goose sleeps`` / ``two geese sleep``), fixed phrase templates;
 * long-range copying: a person, keepsake or town introduced early is named again in the final
   word of the story (LAMBADA-style), sometimes with a second person as a distractor, so the
-  target is predictable only from the earlier context;
+  target is predictable only from the earlier context. The word before a copied keepsake or
+  town is a cue reserved for it ("her lucky ...", "will never leave ..."): the class of the
+  answer is local, its identity is not. (Without such cues a two-layer model needs several
+  times the one-minute budget before it learns to copy; mid-story reminders add practice.)
+  The one non-copy ending names the hero's workplace, implied by the activity;
 * plausibility: every story is about one activity whose vocabulary (verbs, objects, tools) it
   never leaves, and its people and their pronouns stay consistent (HellaSwag-style endings).
 
 Any change to the lexicon, templates or sampling must bump :data:`GENERATOR_VERSION`: the
-cached toy model and task files are keyed by it and rebuilt when it changes.
+cached toy model and task files are keyed by it and rebuilt when it changes (and, as a safety
+net, when :func:`generator_fingerprint` changes).
 """
 
 from __future__ import annotations
