@@ -118,7 +118,7 @@ def perturb_cmd(
     with reporter_for(ctx) as reporter:
         outcome = run_perturb(open_store(ctx), config, reporter=reporter, mlflow=mlflow_flag(ctx))
     print_outcomes(ctx, [outcome])
-    if not state(ctx).json:
+    if not state(ctx).json and not state(ctx).quiet:
         print_damage_table(outcome.value["summary"], title=f"perturb run {outcome.run_id}")
 
 

@@ -61,7 +61,8 @@ def rank_cmd(
         outcome = run_rank(open_store(ctx), config, reporter=reporter, mlflow=mlflow_flag(ctx))
     print_outcomes(ctx, [outcome])
     frame = outcome.value
-    if show > 0 and not state(ctx).json and frame is not None and frame.height:
+    chatty = not state(ctx).json and not state(ctx).quiet
+    if show > 0 and chatty and frame is not None and frame.height:
         columns = [
             "group_key",
             "rank",
