@@ -15,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import socket
 import time
 from collections.abc import Callable, Sequence
@@ -149,6 +150,8 @@ def register_run(store: Store, request: StageRequest) -> RunRecord:
 
 
 def _finish(store: Store, run_id: str, status: str, started: float, error: str | None) -> None:
+    # A failed or interrupted run keeps no partial artifacts (e.g. a half-written score file).
+    shutil.rmtree(store.artifacts_dir(run_id), ignore_errors=True)
     with store.write() as con:
         con.execute(
             "UPDATE runs SET status = ?, finished_at = ?, duration_s = ?, error = ? "

@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import logging
 import os
+import re
+from datetime import UTC
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +24,19 @@ from cwa.store.store import Store
 
 _MAX_PARAM_LEN = 6000
 _BATCH = 100
+
+
+_MLFLOW_NAME_RE = re.compile(r"[^A-Za-z0-9_\-. :/]")
+
+
+def mlflow_name(name: str) -> str:
+    """A metric/param name MLflow accepts (alphanumerics, _ - . space : /)."""
+    return _MLFLOW_NAME_RE.sub("_", name)
+
+
+def _epoch_ms(value: Any) -> int | None:
+    # Stored timestamps are naive UTC; .timestamp() on a naive value would assume local time.
+    return None if value is None else int(value.replace(tzinfo=UTC).timestamp() * 1000)
 
 
 def tracking_uri(store: Store) -> str:
@@ -57,7 +72,7 @@ def mirror_run(store: Store, run_id: str, *, reporter: Reporter | None = None) -
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         reporter.warn(
             f"MLflow mirror failed for run {run_id} ({first}); the run is safe in the DuckDB "
-            "store. Re-mirror later, or disable with --no-mlflow / CWA_MLFLOW=0"
+            "store (disable the mirror with --no-mlflow / CWA_MLFLOW=0)"
         )
         return None
     return mlflow_run_id
@@ -92,7 +107,7 @@ def _mirror(store: Store, run_id: str) -> str:
     else:
         experiment_id = experiment.experiment_id
 
-    start_ms = int(run.created_at.timestamp() * 1000) if run.created_at else None
+    start_ms = _epoch_ms(run.created_at)
     tags = {
         "cwa.stage": run.stage,
         "cwa.run_id": run.run_id,
@@ -108,29 +123,36 @@ def _mirror(store: Store, run_id: str) -> str:
     }
     mlrun = client.create_run(experiment_id, start_time=start_ms, tags=tags)
     mlflow_run_id = mlrun.info.run_id
-    params = [Param(k, v) for k, v in sorted(flatten_config(run.config).items())]
-    metric_objs = [
-        Metric(name, float(value), start_ms or 0, 0) for name, value in metrics if value is not None
-    ]
-    for i in range(0, max(len(params), len(metric_objs), 1), _BATCH):
-        client.log_batch(
-            mlflow_run_id, metrics=metric_objs[i : i + _BATCH], params=params[i : i + _BATCH]
-        )
-    limit = _max_artifact_bytes()
-    folder = store.artifacts_dir(run_id)
-    skipped = []
-    for name in artifacts:
-        path = folder / name
-        if not path.is_file():
-            continue
-        if path.stat().st_size > limit:
-            skipped.append(name)
-            continue
-        parent = str(Path(name).parent)
-        client.log_artifact(mlflow_run_id, str(path), None if parent == "." else parent)
-    if skipped:
-        client.set_tag(mlflow_run_id, "cwa.large_artifacts_in_store", ",".join(skipped)[:5000])
-    end_ms = int(run.finished_at.timestamp() * 1000) if run.finished_at else None
+    try:
+        params = [Param(mlflow_name(k), v) for k, v in sorted(flatten_config(run.config).items())]
+        metric_objs = [
+            Metric(mlflow_name(name), float(value), start_ms or 0, 0)
+            for name, value in metrics
+            if value is not None
+        ]
+        for i in range(0, max(len(params), len(metric_objs), 1), _BATCH):
+            client.log_batch(
+                mlflow_run_id, metrics=metric_objs[i : i + _BATCH], params=params[i : i + _BATCH]
+            )
+        limit = _max_artifact_bytes()
+        folder = store.artifacts_dir(run_id)
+        skipped = []
+        for name in artifacts:
+            path = folder / name
+            if not path.is_file():
+                continue
+            if path.stat().st_size > limit:
+                skipped.append(name)
+                continue
+            parent = str(Path(name).parent)
+            client.log_artifact(mlflow_run_id, str(path), None if parent == "." else parent)
+        if skipped:
+            client.set_tag(mlflow_run_id, "cwa.large_artifacts_in_store", ",".join(skipped)[:5000])
+    except Exception:
+        # Do not leave a half-mirrored run looking like it is still running.
+        client.set_terminated(mlflow_run_id, status="FAILED")
+        raise
+    end_ms = _epoch_ms(run.finished_at)
     client.set_terminated(mlflow_run_id, status="FINISHED", end_time=end_ms)
     with store.write() as con:
         con.execute("UPDATE runs SET mlflow_run_id = ? WHERE run_id = ?", [mlflow_run_id, run_id])

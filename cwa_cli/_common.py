@@ -23,10 +23,18 @@ def reporter_for(ctx: typer.Context) -> Iterator[RichReporter]:
         reporter.stop()
 
 
-def open_store(ctx: typer.Context):
-    from cwa.store import Store
+def open_store(ctx: typer.Context, *, must_exist: bool = False):
+    """The store for a stage; ``must_exist`` for stages that need a parent run in it."""
+    from cwa.errors import StoreNotFound
+    from cwa.store import Store, default_store_path
 
-    return Store.open(state(ctx).store)
+    path = state(ctx).store or default_store_path()
+    if must_exist and not (path / "cwa.duckdb").exists():
+        raise StoreNotFound(
+            f"no store at {path}; this stage needs runs from an earlier stage there (pass "
+            "--store or set CWA_STORE)"
+        )
+    return Store.open(path)
 
 
 def mlflow_flag(ctx: typer.Context) -> bool | None:

@@ -93,7 +93,7 @@ def perturb_cmd(
         return
     from cwa.errors import UsageError
     from cwa.parsing import parse_float_list, parse_int_list, parse_name_list, parse_seeds
-    from cwa.stages.perturb import PerturbConfig, parse_heads, run_perturb
+    from cwa.stages.perturb import PerturbConfig, parse_heads, run_perturb, validate_config
 
     if scale is not None and scales is not None:
         raise UsageError("give --scale or --scales, not both")
@@ -115,8 +115,11 @@ def perturb_cmd(
         experiment=experiment,
         command=command_line(),
     )
+    validate_config(config)
     with reporter_for(ctx) as reporter:
-        outcome = run_perturb(open_store(ctx), config, reporter=reporter, mlflow=mlflow_flag(ctx))
+        outcome = run_perturb(
+            open_store(ctx, must_exist=True), config, reporter=reporter, mlflow=mlflow_flag(ctx)
+        )
     print_outcomes(ctx, [outcome])
     if not state(ctx).json and not state(ctx).quiet:
         print_damage_table(outcome.value["summary"], title=f"perturb run {outcome.run_id}")

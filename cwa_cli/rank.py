@@ -58,7 +58,9 @@ def rank_cmd(
         command=command_line(),
     )
     with reporter_for(ctx) as reporter:
-        outcome = run_rank(open_store(ctx), config, reporter=reporter, mlflow=mlflow_flag(ctx))
+        outcome = run_rank(
+            open_store(ctx, must_exist=True), config, reporter=reporter, mlflow=mlflow_flag(ctx)
+        )
     print_outcomes(ctx, [outcome])
     frame = outcome.value
     chatty = not state(ctx).json and not state(ctx).quiet

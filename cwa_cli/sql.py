@@ -46,6 +46,8 @@ def sql_cmd(
     chosen = fmt or (SqlFormat.json if state(ctx).json else SqlFormat.table)
     if chosen is SqlFormat.parquet and output is None:
         raise InvalidInput("--format parquet needs --output FILE")
+    if output is not None and not output.parent.resolve().is_dir():
+        raise InvalidInput(f"--output {output}: folder {output.parent} does not exist; create it")
     frame = run_query(Store.open_existing(state(ctx).store), query)
     if chosen is SqlFormat.table:
         if output is not None:

@@ -11,8 +11,8 @@ CREATE TABLE perturbation_conditions (
     seed            BIGINT,
     n_changed       BIGINT NOT NULL,             -- weights whose bits actually changed
     scope           JSON,                        -- layers/components/heads the selection drew from
-    checksum_before VARCHAR,
-    checksum_after  VARCHAR,
+    checksum_before VARCHAR,                     -- touched tensors before the perturbation
+    checksum_after  VARCHAR,                     -- the same after restoration (must be equal)
     restored        BOOLEAN NOT NULL,
     PRIMARY KEY (run_id, condition_id)
 );
@@ -26,4 +26,5 @@ SELECT
 FROM evaluations c
 JOIN perturbation_conditions pc ON pc.run_id = c.run_id AND pc.condition_id = c.condition_id
 JOIN evaluations b
-    ON b.run_id = c.run_id AND b.condition_id IS NULL AND b.task = c.task AND b.metric = c.metric;
+    ON b.run_id = c.run_id AND b.condition_id IS NULL AND b.task = c.task
+    AND b.metric = c.metric AND b.task_config_hash = c.task_config_hash;

@@ -115,6 +115,8 @@ def test_sql_formats(cli, populated, tmp_path: Path) -> None:
         (("sql", "DELETE FROM runs"), "read-only"),
         (("sql", "INSERT INTO run_metrics VALUES ('a', 'b', 1)"), "read-only"),
         (("sql", "DROP TABLE runs"), "read-only"),
+        (("sql", "COPY runs TO 'leak.csv'"), "refused a COPY statement"),
+        (("sql", "ATTACH 'other.duckdb' AS o"), "read-only"),
         (("sql", "SELECT * FROM nope"), "SQL error"),
         (("sql", "SELECT 1", "-f", "parquet"), "needs --output"),
         (("runs", "list", "--status", "weird"), "unknown status"),

@@ -249,8 +249,8 @@ def test_stage_bad_input(cli, tiny_world, store_path, args, message) -> None:
     errors = [line for line in lines if line.startswith("Error: ")]
     assert len(errors) == 1 and lines[-1] == errors[0] and message in errors[0], lines
     assert "Traceback" not in result.stderr
-    if store_path.exists():
-        assert _rows(store_path, "SELECT count(*) FROM runs WHERE status = 'succeeded'") == [(0,)]
+    if store_path.exists():  # nothing registered: no run, failed or otherwise
+        assert _rows(store_path, "SELECT count(*) FROM runs") == [(0,)]
 
 
 def test_user_metric_plugin_by_module_function(
@@ -320,9 +320,10 @@ def test_cwa_run_chains_stages_with_lineage_and_exports(
         )
     )
     runs = out["runs"]
-    lineage = dict(_rows(store_path, "SELECT run_id, parent_run_id FROM run_parents"))
-    assert lineage[runs["rank"]] == runs["score"]
-    assert lineage[runs["perturb"]] == runs["rank"]
+    parents = _rows(store_path, "SELECT run_id, parent_run_id, role FROM run_parents")
+    assert (runs["rank"], runs["score"], "scores") in parents
+    assert (runs["perturb"], runs["rank"], "ranking") in parents
+    assert (runs["perturb"], runs["evaluate"], "baseline") in parents
     assert {s["selection"] for s in out["summary"]} == {"top_k", "random_k"}
     for name in (
         "top_weights.csv",
@@ -342,3 +343,61 @@ def test_cwa_run_chains_stages_with_lineage_and_exports(
         [runs["perturb"]],
     )
     assert reused == [(runs["evaluate"],)]
+
+
+def test_head_ranking_controls_stay_inside_attention_heads(cli, tiny_world, store_path) -> None:
+    (score_id,) = _score(cli, tiny_world)
+    rank_id = _ok(cli("--json", "rank", score_id, "-k", "2", "--mode", "head"))["runs"][0]["run_id"]
+    ((n_ranked,),) = _rows(
+        store_path, "SELECT count(*) FROM ranked_weights WHERE run_id = ?", [rank_id]
+    )
+    assert n_ranked == 2 * 2 * 4  # 2 per head, 2 layers x 4 heads
+    assert "Progressive" in cli("perturb", rank_id, "--k-values", "3").stderr
+    out = _ok(
+        cli(
+            "--json",
+            "perturb",
+            rank_id,
+            "--controls",
+            "random_k",
+            "--eval",
+            f"perplexity:{tiny_world['text']}",
+        )
+    )
+    conds = _rows(
+        store_path,
+        "SELECT selection, k, n_changed, scope FROM perturbation_conditions WHERE run_id = ?",
+        [out["runs"][0]["run_id"]],
+    )
+    assert {(sel, k) for sel, k, _, _ in conds} == {("top_k", n_ranked), ("random_k", n_ranked)}
+    scope = json.loads(conds[0][3])
+    assert scope["components"] == ["attn_q", "attn_k", "attn_v", "attn_o"]
+    assert len(scope["heads"]) == 8
+    # the scope is exactly the attention-head elements: q,k,v weights+biases and o columns
+    assert scope["n_weights"] == 2 * (32 * 96 + 96 + 32 * 32)
+
+
+def test_progressive_sweep_mirrors_to_mlflow(cli, tiny_world, store_path, monkeypatch) -> None:
+    import mlflow
+
+    (score_id,) = _score(cli, tiny_world)
+    rank_id = _ok(cli("--json", "rank", score_id, "-k", "20"))["runs"][0]["run_id"]
+    monkeypatch.setenv("CWA_MLFLOW", "1")
+    result = cli(
+        "--json",
+        "perturb",
+        rank_id,
+        "--k-values",
+        "5,20",
+        "--controls",
+        "random_k",
+        "--eval",
+        f"perplexity:{tiny_world['text']}",
+    )
+    out = _ok(result)
+    assert "MLflow mirror failed" not in result.stderr
+    mlflow_id = out["runs"][0]["mlflow_run_id"]
+    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{store_path / 'mlflow.db'}")
+    run = client.get_run(mlflow_id)
+    assert run.info.status == "FINISHED"
+    assert "random_k.k5.perplexity.perplexity.mean" in run.data.metrics

@@ -10,14 +10,13 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from cwa.errors import UsageError
+from cwa.errors import InvalidInput, UsageError
 from cwa.lifecycle import RunContext, RunOutcome, StageOutput, StageRequest, execute_stage
 from cwa.progress import Reporter
 from cwa.stages.common import (
     ModelOptions,
     check_positive,
     is_toy_ref,
-    load_for_run,
     stored_evaluation,
 )
 from cwa.store import Store
@@ -107,9 +106,32 @@ def run_evaluate(
             source = fetch_run(con, run_id)
         if not source.model_ref:
             raise UsageError(f"run {run_id} records no model; pass --model instead")
+        # The same model as that run: reference, dtype and remote-code setting, and (checked
+        # below) the same weights.
+        recorded = source.config.get("model") if isinstance(source.config, dict) else None
+        if isinstance(recorded, dict):
+            config.model.dtype = recorded.get("dtype", config.model.dtype)
+            config.model.trust_remote_code = bool(
+                recorded.get("trust_remote_code", config.model.trust_remote_code)
+            )
         config.model.ref = source.model_ref
         parents.append((run_id, "model"))
     plans = plan_for(config)
+    if loaded is None:  # load before registering: a bad model reference leaves no run behind
+        from cwa.models.loading import load_model
+
+        loaded = load_model(
+            config.model.ref,
+            dtype=config.model.dtype,
+            device=config.model.device,
+            trust_remote_code=config.model.trust_remote_code,
+            reporter=reporter,
+        )
+    if config.from_run is not None and source.model_fingerprint not in (None, loaded.fingerprint):
+        raise InvalidInput(
+            f"model {source.model_ref!r} has changed since run {run_id} used it (fingerprint "
+            f"{loaded.fingerprint[:12]} now, {source.model_fingerprint[:12]} then)"
+        )
     request = StageRequest(
         stage="evaluate",
         config=asdict(config),
@@ -121,11 +143,8 @@ def run_evaluate(
     )
 
     def compute(ctx: RunContext) -> StageOutput:
-        if loaded is None:
-            model = load_for_run(ctx, config.model)
-        else:
-            model = loaded
-            ctx.set_model(config.model.ref, model.fingerprint, model.device)
+        model = loaded
+        ctx.set_model(config.model.ref, model.fingerprint, model.device)
         rows = evaluate_plans(
             model,
             plans,

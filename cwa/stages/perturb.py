@@ -19,6 +19,7 @@ model fingerprint and task config) and stored in the run with ``condition_id`` N
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -91,7 +92,8 @@ def parse_heads(text: str | None) -> list[tuple[int, int]] | None:
     return heads
 
 
-def _validate(config: PerturbConfig) -> None:
+def validate_config(config: PerturbConfig) -> None:
+    """Checks that need neither the store nor the model (run before anything is opened)."""
     from cwa.perturbation import PERTURBATION_METHODS, SELECTIONS
 
     config.method = PERTURBATION_METHODS.canonical(config.method)
@@ -111,6 +113,13 @@ def _validate(config: PerturbConfig) -> None:
         raise UsageError("--bit applies only to --method bit_flip")
     for k in config.k_values or []:
         check_positive("k-values", k)
+    for scale in config.scales or []:
+        if not math.isfinite(scale):
+            raise InvalidInput(f"--scale {scale} is not a finite number")
+        if config.method == "gaussian_noise" and scale < 0:
+            raise InvalidInput("--scale for gaussian_noise is a noise level and must be >= 0")
+    if config.bit is not None and not 0 <= config.bit <= 31:
+        raise InvalidInput(f"--bit {config.bit} is out of range; use 0-31 (0-15 for 16-bit dtypes)")
     if not config.seeds:
         raise InvalidInput("--seeds is empty; give at least one seed")
     check_positive("batch-size", config.batch_size)
@@ -163,10 +172,18 @@ def _scope(arch: Any, score_run: RunRecord, rank_run: RunRecord, config: Perturb
         comps(rank_run.config.get("components")),
         comps(config.components),
     )
+    heads = config.heads
+    if heads is None and rank_run.config.get("mode") == "head":
+        # A head ranking covers only attention-head elements: so must the controls.
+        layer_ids = layers if layers is not None else range(arch.n_layers)
+        heads = [(layer, h) for layer in layer_ids for h in range(arch.n_heads)]
+        if components is None:
+            components = ["attn_q", "attn_k", "attn_v", "attn_o"]
     return (
-        scope_from_architecture(arch, layers=layers, components=components, heads=config.heads),
+        scope_from_architecture(arch, layers=layers, components=components, heads=heads),
         layers,
         components,
+        heads,
     )
 
 
@@ -176,7 +193,7 @@ def _treatment_rows(store: Store, rank_id: str) -> Any:
     with store.read() as con:
         frame = con.execute(
             "SELECT group_key, rank, parameter, flat_index FROM ranked_weights "
-            "WHERE run_id = ? ORDER BY rank, group_key",
+            "WHERE run_id = ? ORDER BY rank, rowid",
             [rank_id],
         ).fetchall()
     return pl.DataFrame(
@@ -212,7 +229,7 @@ def run_perturb(
     loaded: Any = None,
 ) -> RunOutcome:
     reporter = reporter or NULL_REPORTER
-    _validate(config)
+    validate_config(config)
     with store.read() as con:
         rank_id = resolve_run_id(con, config.rank_run, stage="rank", store_label=store.label)
         rank_run = fetch_run(con, rank_id)
@@ -222,11 +239,22 @@ def run_perturb(
         score_run = fetch_run(con, score_id)
     if rank_run.status != "succeeded":
         raise InvalidInput(f"rank run {rank_id} is {rank_run.status}; perturb a succeeded run")
-    max_k = int(rank_run.config.get("topk", 0))
-    k_values = sorted(set(config.k_values or [max_k]))
-    if rank_run.config.get("mode", "global") == "global" and k_values[-1] > max_k:
+    mode = rank_run.config.get("mode", "global")
+    with store.read() as con:
+        (n_ranked,) = con.execute(
+            "SELECT count(*) FROM ranked_weights WHERE run_id = ?", [rank_id]
+        ).fetchone()
+    if mode != "global" and config.k_values:
         raise InvalidInput(
-            f"rank run {rank_id} holds the top {max_k} weights but k="
+            f"rank run {rank_id} is a per-{mode} ranking; its treatment is every ranked weight "
+            f"({n_ranked}). Progressive --k-values sweeps need a global ranking (cwa rank --mode "
+            "global)"
+        )
+    # Global: the top k; per-group modes: the union of every group's top k.
+    k_values = sorted(set(config.k_values or [int(n_ranked)]))
+    if k_values[-1] > n_ranked:
+        raise InvalidInput(
+            f"rank run {rank_id} holds the top {n_ranked} weights but k="
             f"{k_values[-1]} was asked; re-rank with --topk {k_values[-1]}"
         )
     if rank_run.config.get("bottom"):
@@ -242,6 +270,17 @@ def run_perturb(
         seed=config.eval_seed,
         is_toy_model=is_toy_ref(score_run.model_ref),
     )
+    names = [plan.task for plan in plans]
+    if len(set(names)) != len(names):
+        raise InvalidInput(
+            "a task appears twice in --eval; evaluate one source per task in a perturb run"
+        )
+    parents = [(rank_id, "ranking")]
+    if score_run.model_fingerprint:  # stored baselines this run will reuse are its inputs too
+        for plan in plans:
+            stored = stored_evaluation(store, score_run.model_fingerprint, plan.config_hash)
+            if stored is not None and (stored[0], "baseline") not in parents:
+                parents.append((stored[0], "baseline"))
     run_config = asdict(config)
     run_config.update(rank_run=rank_id, score_run=score_id, k_values=k_values)
     run_config.pop("command")
@@ -249,7 +288,7 @@ def run_perturb(
         stage="perturb",
         config=run_config,
         experiment=config.experiment or rank_run.experiment,
-        parents=[(rank_id, "ranking")],
+        parents=parents,
         model_ref=rank_run.model_ref,
         seed=score_run.seed,
         command=config.command,
@@ -284,7 +323,7 @@ def _sweep(
     )
     ctx.set_model(score_run.model_ref, loaded.fingerprint, loaded.device)
     model = loaded.model
-    scope, layers, components = _scope(loaded.arch, score_run, rank_run, config)
+    scope, layers, components, heads = _scope(loaded.arch, score_run, rank_run, config)
     # Only tensors the score run scored were ranked (wanda and super_weight score a subset).
     from cwa.scorefile import read_score_header
 
@@ -294,7 +333,13 @@ def _sweep(
         raise InvalidInput(
             "no scored tensor lies in the requested scope; widen --layers/--components/--heads"
         )
-    ctx.record_config(scope={"layers": layers, "components": components, "heads": config.heads})
+    scope_record = {
+        "layers": layers,
+        "components": components,
+        "heads": heads,
+        "n_weights": int(sum(entry.count for entry in scope)),
+    }
+    ctx.record_config(scope=scope_record)
     ranking = _in_scope(_treatment_rows(store, rank_id), scope)
     if ranking.height == 0:
         raise InvalidInput(
@@ -370,7 +415,7 @@ def _sweep(
                     "k": int(selection.k),
                     "seed": cond.seed,
                     "n_changed": record["n_changed"],
-                    "scope": {"layers": layers, "components": components, "heads": config.heads},
+                    "scope": scope_record,
                     "checksum_before": record["checksum_before"],
                     "checksum_after": record["checksum_after"],
                     "restored": record["restored"],
@@ -438,12 +483,12 @@ def summarize(
         key = (
             cond["selection"]
             + (
-                f"@k={cond['k']}"
+                f".k{cond['k']}"
                 if len({c["k"] for c in conditions}) > 1 and cond["selection"] != "all_k"
                 else ""
             )
             + (
-                f"@s={cond['scale']:g}"
+                f".s{cond['scale']:g}"
                 if cond["scale"] is not None and len({c["scale"] for c in conditions}) > 1
                 else ""
             ),

@@ -95,6 +95,14 @@ def run_rank(
         suffix = Path(config.export).suffix.lower()
         if suffix not in (".csv", ".parquet"):
             raise InvalidInput(f"--export {config.export!r}: use a .csv or .parquet file name")
+        if not Path(config.export).resolve().parent.is_dir():
+            raise InvalidInput(
+                f"--export {config.export}: folder {Path(config.export).parent} does not exist"
+            )
+    if config.components:
+        from cwa.models.architecture import resolve_components
+
+        resolve_components(config.components)  # unknown names fail before a run is registered
     with store.read() as con:
         score_id = resolve_run_id(con, config.score_run, stage="score", store_label=store.label)
         score_run = fetch_run(con, score_id)

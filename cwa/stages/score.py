@@ -81,6 +81,21 @@ def _validate(config: ScoreConfig) -> None:
         check_positive("probes", config.probes)
     if not config.seeds:
         raise InvalidInput("--seeds is empty; give at least one seed")
+    if config.score_dtype not in ("float32", "bfloat16"):
+        raise InvalidInput(
+            f"--score-dtype {config.score_dtype!r} is not supported; use float32 or bfloat16"
+        )
+    if config.components:
+        from cwa.models.architecture import resolve_components
+
+        resolve_components(config.components)
+
+
+def check_layers(layers: list[int] | None, n_layers: int) -> None:
+    """Layer indices must exist in the model (checked before a run is registered)."""
+    bad = [layer for layer in layers or [] if layer >= n_layers]
+    if bad:
+        raise InvalidInput(f"layer {bad[0]} does not exist: the model has layers 0-{n_layers - 1}")
 
 
 def run_score(
@@ -110,6 +125,7 @@ def run_score(
             attn_implementation=attn,
             reporter=reporter,
         )
+    check_layers(config.layers, loaded.arch.n_layers)
     outcomes = []
     for seed in config.seeds:
         outcomes.append(_score_one(store, config, loaded, texts, seed, reporter, mlflow))

@@ -11,6 +11,7 @@ from cwa.store.store import Store
 if TYPE_CHECKING:
     import polars as pl
 
+_QUERY_KINDS = {"SELECT", "EXPLAIN"}
 _READ_ONLY_RE = re.compile(r"Cannot execute statement of type (\w+)")
 
 
@@ -22,6 +23,15 @@ def query(store: Store, sql: str) -> pl.DataFrame:
         raise InvalidInput('empty SQL; pass a query such as "SELECT * FROM runs"')
     with store.read() as con:
         try:
+            # The connection is read-only for the database, but COPY ... TO, EXPORT or ATTACH
+            # could still write files elsewhere: only queries are accepted.
+            kinds = [st.type.name for st in con.extract_statements(sql)]
+            refused = [k for k in kinds if k not in _QUERY_KINDS]
+            if refused:
+                raise InvalidInput(
+                    f"cwa sql is read-only and refused a {refused[0]} statement; it runs SELECT "
+                    "queries only (results change only through stages and `cwa runs delete`)"
+                )
             relation = con.sql(sql)
             if relation is None:
                 raise InvalidInput("the statement returned no rows to show; pass a SELECT query")

@@ -95,14 +95,15 @@ def resolve_run_id(
         wanted = ref.partition(":")[2] or stage
         if stage is not None and wanted != stage:
             raise InvalidInput(f"{ref!r} names a {wanted} run, but a {stage} run is needed here")
-        sql = "SELECT run_id FROM runs"
+        # 'latest' means the newest run that finished well: a failed attempt is not an input.
+        sql = "SELECT run_id FROM runs WHERE status = 'succeeded'"
         params: list[Any] = []
         if wanted:
-            sql += " WHERE stage = ?"
+            sql += " AND stage = ?"
             params.append(wanted)
         row = con.execute(sql + " ORDER BY run_id DESC LIMIT 1", params).fetchone()
         if row is None:
-            what = f"{wanted} run" if wanted else "run"
+            what = f"succeeded {wanted} run" if wanted else "succeeded run"
             raise RunNotFound(f"no {what}{where} to resolve {ref!r}; see `cwa runs list`")
         return str(row[0])
     matches = con.execute(
