@@ -7,10 +7,7 @@ library users get :data:`NULL_REPORTER` (silent) or their own implementation.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
-from typing import Protocol, TypeVar
-
-T = TypeVar("T")
+from typing import Protocol
 
 
 class TaskHandle(Protocol):
@@ -69,21 +66,3 @@ class RecordingReporter(NullReporter):
 
 NULL_REPORTER = NullReporter()
 
-
-def track(
-    items: Iterable[T], reporter: Reporter | None, description: str, total: int | None = None
-) -> Iterator[T]:
-    """Iterate ``items`` while advancing a progress task."""
-    reporter = reporter or NULL_REPORTER
-    if total is None:
-        try:
-            total = len(items)  # type: ignore[arg-type]
-        except TypeError:
-            total = None
-    handle = reporter.task(description, total)
-    try:
-        for item in items:
-            yield item
-            handle.advance()
-    finally:
-        handle.close()

@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
 import pytest
+
+# huggingface_hub reads these when it is imported, before any fixture runs.
+for _name in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_DATASETS_OFFLINE"):
+    os.environ.setdefault(_name, "1")
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -27,6 +32,17 @@ def _isolated_environment(
     monkeypatch.setenv("CWA_LOCK_TIMEOUT", "20")
     # One toy cache per test session: the toy model is built at most once, then reused.
     monkeypatch.setenv("CWA_CACHE", str(toy_cache_dir))
+
+
+@pytest.fixture
+def one_thread():
+    """One intra-op torch thread: tiny models on a shared 2-core machine oversubscribe."""
+    import torch
+
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
 
 
 @pytest.fixture

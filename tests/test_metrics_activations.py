@@ -17,13 +17,7 @@ from cwa.metrics import score_model  # noqa: E402
 from cwa.models.architecture import build_architecture_map  # noqa: E402
 from cwa.scorefile import load_scores  # noqa: E402
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny_gpt2() -> torch.nn.Module:

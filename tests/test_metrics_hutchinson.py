@@ -19,13 +19,7 @@ from cwa.metrics.base import double_backward_attention  # noqa: E402
 from cwa.models.architecture import build_architecture_map  # noqa: E402
 from cwa.scorefile import load_scores  # noqa: E402
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def micro_model(attn: str = "eager") -> torch.nn.Module:

@@ -1,16 +1,13 @@
-"""Pieces every stage shares: model options, loading a model for a run, stored evaluations."""
+"""Pieces every stage shares: model options, option checks, stored evaluations."""
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from cwa.errors import InvalidInput
 
 if TYPE_CHECKING:
-    from cwa.lifecycle import RunContext
-    from cwa.models.loading import LoadedModel
-    from cwa.progress import Reporter
     from cwa.store import Store
 
 
@@ -23,34 +20,9 @@ class ModelOptions:
     device: str = "auto"
     trust_remote_code: bool = False
 
-    def to_config(self) -> dict[str, Any]:
-        return asdict(self)
-
 
 def is_toy_ref(ref: str | None) -> bool:
     return bool(ref) and ref.split(":")[0] in ("toy", "toy-gpt2", "toy-llama")
-
-
-def load_for_run(
-    ctx: RunContext,
-    options: ModelOptions,
-    *,
-    attn_implementation: str | None = None,
-    reporter: Reporter | None = None,
-) -> LoadedModel:
-    """Load the model and record its reference, fingerprint and device on the run."""
-    from cwa.models.loading import load_model
-
-    loaded = load_model(
-        options.ref,
-        dtype=options.dtype,
-        device=options.device,
-        trust_remote_code=options.trust_remote_code,
-        attn_implementation=attn_implementation,
-        reporter=reporter or ctx.reporter,
-    )
-    ctx.set_model(options.ref, loaded.fingerprint, loaded.device)
-    return loaded
 
 
 def check_positive(name: str, value: int | None, minimum: int = 1) -> None:

@@ -27,6 +27,7 @@ from cwa.errors import InvalidInput, UsageError
 from cwa.lifecycle import RunContext, RunOutcome, StageOutput, StageRequest, execute_stage
 from cwa.progress import NULL_REPORTER, Reporter
 from cwa.stages.common import check_positive, is_toy_ref, stored_evaluation
+from cwa.stages.evaluate import evaluate_plans
 from cwa.stages.rank import load_source_model
 from cwa.stages.score import SCORE_FILE
 from cwa.store import Store
@@ -352,21 +353,11 @@ def _sweep(
             model, loaded.tokenizer, plans, batch_size=config.batch_size, reporter=reporter
         )
 
-    # Baseline: reuse a stored evaluation of this exact model and task config when there is one.
-    rows: list[dict[str, Any]] = []
-    for plan in plans:
-        stored = stored_evaluation(store, loaded.fingerprint, plan.config_hash)
-        if stored is not None:
-            source, stored_rows = stored
-            rows += [{**r, "reused_from": source, "condition_id": None} for r in stored_rows]
-            reporter.info(f"baseline {plan.task}: reusing run {source}")
-        else:
-            rows += [
-                {**r, "reused_from": None, "condition_id": None}
-                for r in evaluate_model(
-                    model, loaded.tokenizer, [plan], batch_size=config.batch_size, reporter=reporter
-                )
-            ]
+    # Baseline: reused from a stored evaluation of this exact model and task config when there
+    # is one (recorded as a 'baseline' parent), evaluated here otherwise.
+    rows = evaluate_plans(
+        loaded, plans, store=store, batch_size=config.batch_size, force=False, reporter=reporter
+    )
 
     touched = [e.name for e in scope]
     params = dict(model.named_parameters())

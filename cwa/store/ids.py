@@ -38,7 +38,3 @@ def new_run_id() -> str:
         _last = (ms, rand)
     return _encode(ms, 10) + _encode(rand, 16)
 
-
-def is_run_id_like(text: str) -> bool:
-    """True when ``text`` could be a (possibly abbreviated) run id."""
-    return bool(text) and all(c in _ALPHABET for c in text.upper())
