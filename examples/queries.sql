@@ -1,7 +1,15 @@
 -- Research questions answered with plain SQL over a cwa store.
--- Run one with:  cwa sql "$(sed -n '/-- Q1/,/;/p' examples/queries.sql)"   or paste into `cwa sql`.
+--
+-- Each query sits under a `-- name: NAME` header; the comment line after it describes it.
+--   cwa sql --file examples/queries.sql --list                        # names and descriptions
+--   cwa sql --file examples/queries.sql --name damage_per_selection   # run one
+--   cwa sql --file examples/queries.sql --name damage_for_run --param run=latest:perturb
+-- A `-- params: KEY=DEFAULT` line gives a default for a `$KEY` parameter; `--param` overrides it
+-- (run references such as `latest:perturb` or an id prefix are resolved to a run id).
+-- New queries: append at the END of this file in the same format.
 
--- Q1: damage per selection of the newest perturb run (mean and spread over seeds).
+-- name: damage_per_selection
+-- Damage per selection of the newest perturb run (mean and spread over seeds).
 SELECT selection, task, metric, count(*) AS n, avg(value) AS mean, stddev_samp(value) AS sd,
        any_value(baseline) AS baseline, avg(ratio) AS mean_ratio
 FROM perturbation_effects
@@ -9,21 +17,33 @@ WHERE run_id = (SELECT max(run_id) FROM runs WHERE stage = 'perturb' AND status 
   AND metric <> 'tokens'
 GROUP BY ALL ORDER BY task, metric, selection;
 
--- Q2: which components hold the top-ranked weights of each rank run?
+-- name: damage_for_run
+-- Damage per selection of one perturb run, given as --param run=RUN (default: the newest).
+-- params: run=latest:perturb
+SELECT selection, task, metric, count(*) AS n, avg(value) AS mean, stddev_samp(value) AS sd,
+       any_value(baseline) AS baseline, avg(ratio) AS mean_ratio
+FROM perturbation_effects
+WHERE run_id = $run AND metric <> 'tokens'
+GROUP BY ALL ORDER BY task, metric, selection;
+
+-- name: topk_components
+-- Which components hold the top-ranked weights of each rank run?
 SELECT run_id, component, count(*) AS n_weights, round(avg(score), 6) AS mean_score
 FROM ranked_weights GROUP BY ALL ORDER BY run_id, n_weights DESC;
 
--- Q3: sensitivity mass by layer and component for each score run.
+-- name: score_mass_by_layer
+-- Sensitivity mass by layer and component for each score run.
 SELECT s.run_id, r.config->>'metric' AS metric, s.layer, s.component, sum(s.sum) AS score_mass
 FROM tensor_stats s JOIN runs r USING (run_id)
 GROUP BY ALL ORDER BY s.run_id, score_mass DESC;
 
--- Q4: every run with its ancestors (lineage), newest first.
+-- name: lineage
+-- Every run with its ancestors (lineage), newest first.
 SELECT r.run_id, r.stage, r.status, l.ancestor_run_id, l.depth
 FROM runs r LEFT JOIN run_lineage l USING (run_id) ORDER BY r.run_id DESC, l.depth;
 
--- Q5: top-100 overlap between score runs of different seeds (ranking stability),
---     for global rank runs with the same top-k.
+-- name: topk_overlap_between_seeds
+-- Top-100 overlap between global rank runs (ranking stability across score seeds).
 WITH top AS (
     SELECT k.run_id, k.parameter, k.flat_index
     FROM ranked_weights k JOIN runs r USING (run_id)
