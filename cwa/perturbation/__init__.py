@@ -6,6 +6,10 @@
   of the in-scope elements of fused or partly selected tensors).
 * :mod:`cwa.perturbation.selection` — which weights are perturbed: ``top_k`` (a ranking),
   ``random_k``, ``bottom_k`` and ``all_k`` controls with exact counts.
+* :mod:`cwa.perturbation.contract` — the selection contract (:class:`SelectionSpec`): what a
+  registered selection (built-in, plugin, or the analyze stage's ``cluster:ID``) provides;
+  :mod:`cwa.perturbation.builtin_selections` holds the built-in specs and
+  :mod:`cwa.perturbation.groups` the groups of every rank mode that controls are matched in.
 * :mod:`cwa.perturbation.apply` — :func:`apply_perturbation`, :func:`restore_exact` and the
   :func:`perturbed` context manager: in place, saving only the selected originals, verified by
   whole-tensor checksums (:mod:`cwa.perturbation.checksum`).
@@ -41,13 +45,13 @@ for _name, _attr, _description in (
     PERTURBATION_METHODS.add(_name, f"cwa.perturbation.methods:{_attr}", description=_description)
 
 SELECTIONS: Registry[Any] = Registry("selection")
-for _name, _description in (
-    ("top_k", "the k highest-ranked weights of a rank run (the treatment)"),
-    ("random_k", "k weights drawn uniformly without replacement from the same scope, seeded"),
-    ("bottom_k", "the k least sensitive weights in the same scope (zero scores excluded)"),
-    ("all_k", "every weight in the scope (upper bound on damage)"),
+for _name, _attr, _description in (
+    ("top_k", "TOP_K", "the k highest-ranked weights of a rank run (the treatment)"),
+    ("random_k", "RANDOM_K", "per group, the treatment's count drawn uniformly, seeded"),
+    ("bottom_k", "BOTTOM_K", "per group, the treatment's count of least sensitive weights"),
+    ("all_k", "ALL_K", "every weight in the scope (upper bound on damage)"),
 ):
-    SELECTIONS.add(_name, f"cwa.perturbation.selection:{_name}", description=_description)
+    SELECTIONS.add(_name, f"cwa.perturbation.builtin_selections:{_attr}", description=_description)
 
 del _name, _attr, _description
 

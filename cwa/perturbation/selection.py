@@ -23,7 +23,13 @@ made (for the run's config). Builders:
     gradient from the calibration data (e.g. embedding rows of tokens that never occur), i.e. no
     evidence, not evidence of insensitivity; including them would make ``bottom_k`` the first k
     unexercised entries in scope order. ``zeros="include"`` ranks them as the least sensitive.
-    Negative scores are refused unless ``absolute=True`` (rank by ``|score|``).
+    The comparison key is the run's ranking key: ``key="abs"`` compares ``|score|`` (the default
+    for signed metrics such as ``hutchinson_diag`` and ``obd``, whose large negative curvature is
+    as much a sign of sensitivity as a large positive one), ``key="value"`` the raw score.
+``random_k_by_group`` / ``bottom_k_by_group``
+    the matched controls of a per-group ranking: for every group of the rank mode, exactly the
+    treatment's count of that group, drawn from that group's elements (see
+    :mod:`cwa.perturbation.groups`); the union of the groups' draws.
 ``all_k``
     every weight in the scope: an upper bound on damage (memory: 8 bytes of index and one
     saved original per weight, so use it on targeted scopes, not on a whole 7B model).
@@ -33,6 +39,7 @@ Every builder except ``all_k`` returns exactly ``k`` weights, or raises.
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any, Literal
 
@@ -292,40 +299,29 @@ def _smallest_flat(scores: torch.Tensor, valid: torch.Tensor | None, k: int) -> 
     return torch.sort(torch.cat([below_flat, equal_flat])).values
 
 
-def bottom_k(
-    scores: Mapping[str, torch.Tensor] | Iterable[tuple[str, torch.Tensor]],
-    scope: Sequence[ScopeEntry],
-    k: int,
-    *,
-    zeros: Literal["exclude", "include"] = "exclude",
-    absolute: bool = False,
-) -> Selection:
-    """The ``k`` in-scope weights with the smallest scores (see the module docstring).
+class _BottomMerge:
+    """Running k smallest keys of one scope, fed one tensor at a time (see :func:`bottom_k`)."""
 
-    ``scores`` yields (parameter name, score tensor of the parameter's shape), e.g. lazily from
-    a safetensors score file; names outside the scope are skipped, and every scope entry must
-    get its scores.
-    """
-    if zeros not in ("exclude", "include"):
-        raise InvalidInput(f"zeros must be 'exclude' or 'include', got {zeros!r}")
-    entries = check_scope(scope)
-    k = int(k)
-    if k < 0:
-        raise InvalidInput(f"bottom_k needs k >= 0, got {k}")
-    position = {e.name: i for i, e in enumerate(entries)}
-    seen: set[str] = set()
-    n_zero = n_candidates = 0
-    best_scores = torch.empty(0, dtype=torch.float64)
-    best_keys = torch.empty(0, dtype=torch.int64)  # entry << _FLAT_BITS | flat
-    items = scores.items() if isinstance(scores, Mapping) else scores
-    for name, score in items:
-        if name not in position:
-            continue
-        if name in seen:
+    def __init__(self, entries: Sequence[ScopeEntry], k: int, zeros: str, key: str) -> None:
+        self.entries = entries
+        self.k = k
+        self.zeros = zeros
+        self.key = key
+        self.position = {e.name: i for i, e in enumerate(entries)}
+        self.seen: set[str] = set()
+        self.n_zero = 0
+        self.n_candidates = 0
+        self.best_scores = torch.empty(0, dtype=torch.float64)
+        self.best_keys = torch.empty(0, dtype=torch.int64)  # entry << _FLAT_BITS | flat
+
+    def offer(self, name: str, score: torch.Tensor) -> None:
+        if name not in self.position:
+            return
+        if name in self.seen:
             raise InvalidInput(f"scores for {name!r} were given twice; pass each tensor once")
-        seen.add(name)
-        entry_id = position[name]
-        entry = entries[entry_id]
+        self.seen.add(name)
+        entry_id = self.position[name]
+        entry = self.entries[entry_id]
         flat_scores = score.detach().reshape(-1)
         if flat_scores.numel() != entry.numel:
             raise InvalidInput(
@@ -334,55 +330,154 @@ def bottom_k(
             )
         if not flat_scores.is_floating_point() or flat_scores.element_size() < 4:
             flat_scores = flat_scores.float()  # kthvalue and comparisons in at least float32
-        if absolute:
+        if self.key == "abs":
             flat_scores = flat_scores.abs()
         valid = None if entry.mask is None else entry.mask.to(flat_scores.device)
         in_scope = flat_scores if valid is None else flat_scores[valid]
         if torch.isnan(in_scope).any():
             raise NonFiniteError(f"scores of {name!r} contain NaN; recompute the scores")
-        if not absolute and bool((in_scope < 0).any()):
-            raise InvalidInput(
-                f"scores of {name!r} are negative in places; bottom_k ranks by value: pass "
-                "absolute=True to rank by |score|"
-            )
         is_zero = flat_scores == 0
         zero_in_scope = is_zero if valid is None else is_zero & valid
-        n_zero += int(zero_in_scope.sum())
-        if zeros == "exclude":
+        n_zero = int(zero_in_scope.sum())
+        self.n_zero += n_zero
+        if self.zeros == "exclude":
             valid = ~is_zero if valid is None else valid & ~is_zero
-        n_candidates += entry.count - (int(zero_in_scope.sum()) if zeros == "exclude" else 0)
-        flat = _smallest_flat(flat_scores, valid, k)
+        self.n_candidates += entry.count - (n_zero if self.zeros == "exclude" else 0)
+        flat = _smallest_flat(flat_scores, valid, self.k)
         cand_scores = flat_scores[flat].to(device="cpu", dtype=torch.float64)
         cand_keys = (entry_id << _FLAT_BITS) | flat.cpu()
         # Merge: order by (score, scope position, flat index) with two stable sorts, keep k.
-        merged_scores = torch.cat([best_scores, cand_scores])
-        merged_keys = torch.cat([best_keys, cand_keys])
+        merged_scores = torch.cat([self.best_scores, cand_scores])
+        merged_keys = torch.cat([self.best_keys, cand_keys])
         by_key = torch.sort(merged_keys, stable=True).indices
         by_score = torch.sort(merged_scores[by_key], stable=True).indices
-        keep = by_key[by_score[:k]]
-        best_scores, best_keys = merged_scores[keep], merged_keys[keep]
-    missing = [e.name for e in entries if e.name not in seen]
-    if missing:
-        raise InvalidInput(
-            f"no scores for {len(missing)} tensor(s) in scope, e.g. {missing[0]!r}; score the "
-            "same tensors the scope covers"
-        )
-    if k > n_candidates:
-        hint = " or pass zeros='include'" if zeros == "exclude" and n_zero else ""
-        raise InvalidInput(
-            f"bottom_k needs k <= {n_candidates} candidate weights in scope ({n_zero} zero "
-            f"scores, zeros={zeros!r}), got k={k}; lower k{hint}"
-        )
-    order = torch.sort(best_keys).indices
-    best_keys = best_keys[order]
-    entry_ids = best_keys >> _FLAT_BITS
-    flats = best_keys & ((1 << _FLAT_BITS) - 1)
-    info = {
-        "zeros": zeros,
-        "absolute": absolute,
-        "n_zero_scores_in_scope": n_zero,
-        "max_selected_score": float(best_scores.max()) if k else None,
-        "ties": "scope order, then flat index",
-        "scope_size": scope_size(entries),
-    }
-    return Selection(_group_by_entry(entries, entry_ids, flats), kind="bottom_k", info=info)
+        keep = by_key[by_score[: self.k]]
+        self.best_scores, self.best_keys = merged_scores[keep], merged_keys[keep]
+
+    def result(self, group: str | None = None) -> Selection:
+        where = "" if group is None else f" of group {group}"
+        missing = [e.name for e in self.entries if e.name not in self.seen]
+        if missing:
+            raise InvalidInput(
+                f"no scores for {len(missing)} tensor(s) in scope{where}, e.g. {missing[0]!r}; "
+                "score the same tensors the scope covers"
+            )
+        if self.k > self.n_candidates:
+            hint = " or pass zeros='include'" if self.zeros == "exclude" and self.n_zero else ""
+            raise InvalidInput(
+                f"bottom_k needs k <= {self.n_candidates} candidate weights in scope{where} "
+                f"({self.n_zero} zero scores, zeros={self.zeros!r}), got k={self.k}; lower k{hint}"
+            )
+        order = torch.sort(self.best_keys).indices
+        best_keys = self.best_keys[order]
+        entry_ids = best_keys >> _FLAT_BITS
+        flats = best_keys & ((1 << _FLAT_BITS) - 1)
+        info = {
+            "zeros": self.zeros,
+            "key": self.key,
+            "n_zero_scores_in_scope": self.n_zero,
+            "max_selected_key": float(self.best_scores.max()) if self.k else None,
+            "ties": "scope order, then flat index",
+            "scope_size": scope_size(self.entries),
+        }
+        parts = _group_by_entry(self.entries, entry_ids, flats)
+        return Selection(parts, kind="bottom_k", info=info)
+
+
+def _check_key(key: str | None, absolute: bool) -> str:
+    if key is None:
+        return "abs" if absolute else "value"
+    if key not in ("abs", "value"):
+        raise InvalidInput(f"ranking key must be 'abs' or 'value', got {key!r}")
+    return key
+
+
+def bottom_k(
+    scores: Mapping[str, torch.Tensor] | Iterable[tuple[str, torch.Tensor]],
+    scope: Sequence[ScopeEntry],
+    k: int,
+    *,
+    zeros: Literal["exclude", "include"] = "exclude",
+    absolute: bool = False,
+    key: Literal["abs", "value"] | None = None,
+) -> Selection:
+    """The ``k`` in-scope weights with the smallest key (see the module docstring).
+
+    ``key="abs"`` compares ``|score|`` (the default key of signed metrics), ``key="value"`` the
+    raw score (negative scores then count as the least sensitive); ``absolute=True`` is the
+    older spelling of ``key="abs"``. ``scores`` yields (parameter name, score tensor of the
+    parameter's shape), e.g. lazily from a safetensors score file; names outside the scope are
+    skipped, and every scope entry must get its scores.
+    """
+    if zeros not in ("exclude", "include"):
+        raise InvalidInput(f"zeros must be 'exclude' or 'include', got {zeros!r}")
+    entries = check_scope(scope)
+    k = int(k)
+    if k < 0:
+        raise InvalidInput(f"bottom_k needs k >= 0, got {k}")
+    merge = _BottomMerge(entries, k, zeros, _check_key(key, absolute))
+    items = scores.items() if isinstance(scores, Mapping) else scores
+    for name, score in items:
+        merge.offer(name, score)
+    return merge.result()
+
+
+def bottom_k_by_group(
+    scores: Iterable[tuple[str, torch.Tensor]],
+    groups: Mapping[str, Sequence[ScopeEntry]],
+    counts: Mapping[str, int],
+    *,
+    zeros: Literal["exclude", "include"] = "exclude",
+    key: Literal["abs", "value"] = "abs",
+) -> Selection:
+    """For every group label in ``counts``, its ``counts[label]`` least sensitive weights drawn
+    from ``groups[label]``; the union. ``scores`` is read once (each tensor feeds every group
+    holding part of it), so a head ranking does not re-read a layer's tensors per head.
+    """
+    key = _check_key(key, False)
+    merges: dict[str, _BottomMerge] = {}
+    by_name: dict[str, list[_BottomMerge]] = {}
+    for label, k in counts.items():
+        if label not in groups:
+            raise InvalidInput(f"group {label!r} has no weights in scope to draw a control from")
+        merges[label] = _BottomMerge(check_scope(groups[label]), int(k), zeros, key)
+        for entry in groups[label]:
+            by_name.setdefault(entry.name, []).append(merges[label])
+    for name, score in scores:
+        for merge in by_name.get(name, ()):
+            merge.offer(name, score)
+    parts = [merges[label].result(label) for label in counts]
+    return _union(parts, "bottom_k", {"key": key, "zeros": zeros, "groups": dict(counts)})
+
+
+def random_k_by_group(
+    groups: Mapping[str, Sequence[ScopeEntry]], counts: Mapping[str, int], seed: int
+) -> Selection:
+    """For every group label in ``counts``, ``counts[label]`` weights drawn uniformly from
+    ``groups[label]``; the union. Each group's generator is seeded from (seed, group label)."""
+    parts = []
+    for label, k in counts.items():
+        if label not in groups:
+            raise InvalidInput(f"group {label!r} has no weights in scope to draw a control from")
+        parts.append(random_k(groups[label], int(k), group_seed(int(seed), label)))
+    return _union(parts, "random_k", {"seed": int(seed), "groups": dict(counts)})
+
+
+def group_seed(seed: int, label: str) -> int:
+    """Seed of one group's draw: SHA-256 of (seed, group label), 63 bits; groups are independent
+    and a group's draw does not depend on which other groups exist."""
+    digest = hashlib.sha256(f"{int(seed)}\x00group\x00{label}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") >> 1
+
+
+def _union(parts: Sequence[Selection], kind: str, info: dict[str, Any]) -> Selection:
+    pieces: dict[str, list[torch.Tensor]] = {}
+    for part in parts:
+        for name, idx in part.items():
+            pieces.setdefault(name, []).append(idx)
+    merged = {name: torch.unique(torch.cat(chunks)) for name, chunks in pieces.items()}
+    total = sum(int(v.numel()) for v in merged.values())
+    expected = sum(part.k for part in parts)
+    if total != expected:  # groups partition the weights; an overlap is a bug, not a draw
+        raise InvalidInput(f"{kind} groups overlap: {expected} drawn, {total} distinct")
+    return Selection(merged, kind=kind, info=info)

@@ -1,0 +1,74 @@
+"""The built-in selections as :class:`~cwa.perturbation.contract.SelectionSpec` entries.
+
+``top_k`` is the treatment (the best-ranked weights in scope); ``random_k`` and ``bottom_k`` are
+matched controls drawn group by group with the treatment's per-group counts; ``all_k`` is the
+whole scope, an upper bound on damage rather than a matched control.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from cwa.errors import InvalidInput
+from cwa.perturbation.contract import SelectionRequest, SelectionSpec
+from cwa.perturbation.selection import (
+    Selection,
+    all_k,
+    bottom_k_by_group,
+    random_k_by_group,
+    top_k,
+)
+
+
+def _top_k(request: SelectionRequest) -> Selection:
+    ranking = request.ranking
+    if ranking.height < request.k:
+        raise InvalidInput(
+            f"only {ranking.height} ranked weights lie in scope, fewer than k={request.k}; "
+            "lower k or widen the scope"
+        )
+    head: Any = ranking.head(request.k)
+    return top_k(head["parameter"].to_list(), head["flat_index"].to_list())
+
+
+def _random_k(request: SelectionRequest) -> Selection:
+    assert request.counts is not None  # controls always get the treatment's counts
+    return random_k_by_group(request.groups, request.counts, request.seed or 0)
+
+
+def _bottom_k(request: SelectionRequest) -> Selection:
+    assert request.counts is not None
+    return bottom_k_by_group(
+        request.scores(request.scope), request.groups, request.counts, key=request.key
+    )
+
+
+def _all_k(request: SelectionRequest) -> Selection:
+    return all_k(request.scope)
+
+
+TOP_K = SelectionSpec(
+    "top_k",
+    "the k highest-ranked weights of a rank run (the treatment)",
+    _top_k,
+    role="treatment",
+    matched=False,
+)
+RANDOM_K = SelectionSpec(
+    "random_k",
+    "per group of the rank mode, the treatment's count drawn uniformly from the group, seeded",
+    _random_k,
+    stochastic=True,
+)
+BOTTOM_K = SelectionSpec(
+    "bottom_k",
+    "per group, the treatment's count of least sensitive weights by the ranking key (no zeros)",
+    _bottom_k,
+)
+ALL_K = SelectionSpec(
+    "all_k",
+    "every weight in the scope (upper bound on damage; not matched)",
+    _all_k,
+    matched=False,
+    depends_on_k=False,
+)
