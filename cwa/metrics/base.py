@@ -72,6 +72,9 @@ class MetricSpec:
     # True when every yielded tensor is a fresh buffer the metric never touches again: the
     # driver may then sort it in place for the statistics after writing it (saves a copy).
     owns_output: bool = False
+    # True when scores can be negative (curvature-based metrics): rankings and controls then
+    # compare |score| by default (``cwa rank --by abs|value``).
+    signed: bool = False
 
     def planned(self, ctx: ScoringContext) -> list[str]:
         return list(ctx.selected) if self.plan is None else self.plan(ctx)
@@ -102,6 +105,7 @@ def as_metric_spec(obj: Any, name: str) -> MetricSpec:
         compute=compute,
         needs_data=bool(getattr(obj, "needs_data", True)),
         options=dict(getattr(obj, "options", {})),
+        signed=bool(getattr(obj, "signed", False)),
     )
 
 

@@ -175,7 +175,7 @@ def _score_one(
             options=config.options,
             reporter=ctx.reporter,
         )
-        ctx.record_config(metric_config=outcome.config)
+        ctx.record_config(metric_config=outcome.config, signed=bool(spec.signed))
         tables: dict[str, Any] = {"tensor_stats": outcome.stats_frame()}
         supers = outcome.extra_tables.get("super_weights") or []
         if supers:
