@@ -12,7 +12,7 @@ from typing import Annotated
 import typer
 
 from cwa import __version__
-from cwa_cli import db, demo, evaluate, model, perturb, rank, run, runs, score, sql, toy
+from cwa_cli import analyze, db, demo, evaluate, model, perturb, rank, run, runs, score, sql, toy
 from cwa_cli._state import CliState
 from cwa_cli.report import report_cmd
 
@@ -68,6 +68,7 @@ app.command("perturb")(perturb.perturb_cmd)
 app.command("evaluate")(evaluate.evaluate_cmd)
 app.command("run")(run.run_cmd)
 app.command("demo")(demo.demo_cmd)
+app.command("analyze")(analyze.analyze_cmd)
 app.command("report")(report_cmd)
 
 
