@@ -34,10 +34,21 @@ TrustRemoteCodeOpt = Annotated[
     typer.Option("--trust-remote-code", help="Allow model code from the hub (off by default)."),
 ]
 DataOpt = Annotated[
-    str,
+    str | None,
     typer.Option(
         "--data",
-        help="Text: 'toy', a .txt/.jsonl/.parquet file, or hf:NAME[:CONFIG]:SPLIT:COLUMN.",
+        help="Calibration text: 'toy', a .txt/.jsonl/.parquet file, or "
+        "hf:NAME[:CONFIG]:SPLIT:COLUMN. Default: toy text for the toy models, "
+        "hf:wikitext:wikitext-2-raw-v1:train:text for any other model.",
+        show_default=False,
+    ),
+]
+HeldoutFractionOpt = Annotated[
+    float,
+    typer.Option(
+        "--heldout-fraction",
+        help="Tail of the calibration text kept out of calibration (perplexity on the same "
+        "text scores only this part).",
     ),
 ]
 TextColumnOpt = Annotated[

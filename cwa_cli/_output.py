@@ -15,8 +15,12 @@ from rich.table import Table
 
 # When piped (not a terminal) Rich would assume 80 columns; use a wide page instead so that
 # tables stay one line per row in logs and files.
-stdout = Console(soft_wrap=True, width=None if sys.stdout.isatty() else 200)
-stderr = Console(stderr=True, soft_wrap=True, width=None if sys.stderr.isatty() else 200)
+# emoji=False: data such as hub specs (hf:wikitext:wikitext-2-raw-v1:train:text) contain
+# ":name:" sequences that Rich would otherwise turn into emoji.
+stdout = Console(soft_wrap=True, emoji=False, width=None if sys.stdout.isatty() else 200)
+stderr = Console(
+    stderr=True, soft_wrap=True, emoji=False, width=None if sys.stderr.isatty() else 200
+)
 
 
 def _default(value: Any) -> Any:

@@ -52,7 +52,7 @@ def run_cmd(
         str | None,
         typer.Option("--out-dir", help="Also export top_weights.csv, results and a manifest here."),
     ] = None,
-    data: DataOpt = "toy",
+    data: DataOpt = None,
     text_column: TextColumnOpt = None,
     n_samples: NSamplesOpt = 32,
     seq_len: SeqLenOpt = 128,

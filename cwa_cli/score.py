@@ -22,6 +22,7 @@ from cwa_cli._options import (
     DeviceOpt,
     DtypeOpt,
     ExperimentLabelOpt,
+    HeldoutFractionOpt,
     LayersOpt,
     ListOpt,
     ModelOpt,
@@ -42,7 +43,8 @@ def score_cmd(
             "--metric", help="Sensitivity metric ('list' or --list shows them), or module:function."
         ),
     ] = "grad_x_weight",
-    data: DataOpt = "toy",
+    data: DataOpt = None,
+    heldout_fraction: HeldoutFractionOpt = 0.1,
     text_column: TextColumnOpt = None,
     n_samples: NSamplesOpt = 32,
     seq_len: SeqLenOpt = 128,
@@ -85,7 +87,7 @@ def score_cmd(
     config = ScoreConfig(
         model=ModelOptions(model, dtype, device, trust_remote_code),
         metric=metric,
-        data=DataOptions(data, text_column, n_samples, seq_len, batch_size),
+        data=DataOptions(data, text_column, n_samples, seq_len, batch_size, heldout_fraction),
         seeds=parse_seeds(seeds, seed),
         layers=parse_int_list(layers, what="layer"),
         components=parse_name_list(components),

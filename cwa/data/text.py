@@ -25,6 +25,17 @@ into non-overlapping blocks of ``seq_len`` tokens (a final partial block is drop
 ``n_samples`` of them are drawn without replacement by a ``torch.Generator`` seeded with
 ``seed`` -- the first ``n`` of a permutation, so a smaller ``n_samples`` with the same seed
 is a prefix of a larger one. ``n_samples=None`` takes every block, in stream order.
+
+BOS (:func:`adds_bos`, :func:`bos_for`): when the tokenizer prepends a BOS token by default
+(Llama/Gemma-style tokenizers), every block starts with that BOS followed by ``seq_len - 1``
+stream tokens, as lm-evaluation-harness's rolling log-likelihood conditions its first window
+on the prefix token. The BOS is context only: the loss's targets are positions 1.., so it is
+never predicted. Tokenizers that add no BOS (GPT-2) get plain ``seq_len``-token blocks.
+
+Default source (:func:`resolve_calibration_source`): the toy text only for the toy models;
+any other model defaults to WikiText-2 raw train (:data:`DEFAULT_CALIBRATION_SOURCE`), and if
+that cannot be loaded the error says to pass ``--data FILE``. :func:`calibration_record`
+describes the resolved source for the run record (file sha256, text sha256).
 """
 
 from __future__ import annotations
@@ -45,6 +56,10 @@ ROLES = ("calibration", "heldout")
 DEFAULT_TEXT_COLUMN = "text"
 SUPPORTED_SUFFIXES = (".txt", ".jsonl", ".parquet")
 _LOCAL_FILE_HINT = "pass a local .txt/.jsonl/.parquet file instead (e.g. --data notes.txt)"
+#: Calibration text of every non-toy model unless --data says otherwise (the common choice in
+#: the pruning literature: SparseGPT, Wanda and the super-weight paper calibrate on it).
+DEFAULT_CALIBRATION_SOURCE = "hf:wikitext:wikitext-2-raw-v1:train:text"
+TOY_MODEL_REFS = ("toy", "toy-gpt2", "toy-llama")
 
 
 def _check_role(role: str) -> None:
@@ -327,16 +342,36 @@ def token_blocks(
     role: str = "calibration",
     heldout_fraction: float = 0.1,
     allow_overlap: bool = False,
+    bos_token_id: int | None = None,
 ) -> torch.Tensor:
     """Blocks of ``seq_len`` tokens for ``role``, shape ``[n, seq_len]`` (long).
 
     See the module docstring for the stream, the calibration/held-out split and the seeded
-    draw. Raises :class:`DataError` when the text is too short for the requested blocks.
+    draw. With ``bos_token_id`` every block is that token followed by ``seq_len - 1`` stream
+    tokens (context only; see the module docstring). Raises :class:`DataError` when the text
+    is too short for the requested blocks.
     """
     import torch
 
     if seq_len < 2:
         raise InvalidInput(f"seq_len must be at least 2, got {seq_len}")
+    if bos_token_id is not None:
+        if seq_len < 3:
+            raise InvalidInput(
+                f"seq_len must be at least 3 when blocks start with BOS, got {seq_len}"
+            )
+        body = token_blocks(
+            tokenizer,
+            texts,
+            seq_len=seq_len - 1,
+            n_samples=n_samples,
+            seed=seed,
+            role=role,
+            heldout_fraction=heldout_fraction,
+            allow_overlap=allow_overlap,
+        )
+        bos = torch.full((body.shape[0], 1), int(bos_token_id), dtype=torch.long)
+        return torch.cat([bos, body], dim=1)
     if n_samples is not None and n_samples < 1:
         raise InvalidInput(f"n_samples must be at least 1, got {n_samples}")
     stream = token_stream(tokenizer, texts)

@@ -72,7 +72,7 @@ def run_pipeline(
     # Validate everything cheap before the first run is registered.
     get_metric(config.metric)
     plan_tasks(config.tasks, limit=config.limit, is_toy_model=is_toy_ref(config.model.ref))
-    calibration_texts(config.data)
+    calibration_texts(config.data, config.model.ref)
     if config.mode != "global":
         raise InvalidInput(
             "cwa run perturbs a global ranking; use --mode global, or run "

@@ -23,11 +23,15 @@ _DOUBLE_BACKWARD = {"hutchinson_diag", "obd"}
 
 @dataclass
 class DataOptions:
-    source: str = "toy"
+    # None: the toy text for the toy models, WikiText-2 raw train for every other model.
+    source: str | None = None
     text_column: str | None = None
     n_samples: int = 32
     seq_len: int = 128
     batch_size: int = 8
+    heldout_fraction: float = 0.1  # tail of the text never used for calibration
+    add_bos_token: bool | None = None  # None: follow the tokenizer's convention
+    source_defaulted: bool = False  # set when source was None and resolved for the model
 
 
 @dataclass
@@ -45,18 +49,26 @@ class ScoreConfig:
     command: str | None = None
 
 
-def calibration_texts(data: DataOptions) -> list[str] | None:
-    """The calibration documents (checked before any run is registered)."""
-    from cwa.data.text import load_texts
+def calibration_texts(data: DataOptions, model_ref: str | None = None) -> list[str]:
+    """The calibration documents (checked before any run is registered).
 
-    if not data.source:
-        return None
-    return load_texts(data.source, text_column=data.text_column, role="calibration")
+    Resolves a missing ``data.source`` for ``model_ref`` in place (toy text only for the toy
+    models, WikiText-2 otherwise) and remembers whether it was defaulted.
+    """
+    from cwa.data.calibration import load_calibration_texts
+
+    source, defaulted, texts = load_calibration_texts(
+        data.source, model_ref, text_column=data.text_column
+    )
+    data.source = source
+    data.source_defaulted = data.source_defaulted or defaulted
+    return texts
 
 
 def calibration_batches(
     loaded: Any, data: DataOptions, seed: int, texts: list[str]
 ) -> list[dict[str, Any]]:
+    from cwa.data.calibration import bos_for
     from cwa.data.text import batches_from_blocks, token_blocks
 
     blocks = token_blocks(
@@ -66,8 +78,24 @@ def calibration_batches(
         n_samples=data.n_samples,
         seed=seed,
         role="calibration",
+        heldout_fraction=data.heldout_fraction,
+        bos_token_id=bos_for(loaded.tokenizer, data.add_bos_token),
     )
     return batches_from_blocks(blocks, data.batch_size)
+
+
+def calibration_of(loaded: Any, data: DataOptions, texts: list[str]) -> dict[str, Any]:
+    """The run's record of its calibration text (source, sha256, BOS, held-out fraction)."""
+    from cwa.data.calibration import bos_for, calibration_record
+
+    return calibration_record(
+        str(data.source),
+        data.source_defaulted,
+        texts,
+        text_column=data.text_column,
+        bos=bos_for(loaded.tokenizer, data.add_bos_token) is not None,
+        heldout_fraction=data.heldout_fraction,
+    )
 
 
 def _validate(config: ScoreConfig) -> None:
@@ -79,6 +107,11 @@ def _validate(config: ScoreConfig) -> None:
     check_positive("batch-size", config.data.batch_size)
     if config.probes is not None:
         check_positive("probes", config.probes)
+    if not 0.0 < config.data.heldout_fraction < 1.0:
+        raise InvalidInput(
+            f"--heldout-fraction must be between 0 and 1 (exclusive), got "
+            f"{config.data.heldout_fraction}; e.g. 0.1"
+        )
     if not config.seeds:
         raise InvalidInput("--seeds is empty; give at least one seed")
     if config.score_dtype not in ("float32", "bfloat16"):
@@ -110,11 +143,19 @@ def run_score(
 
     ``loaded`` reuses a model already loaded (by ``cwa run``) instead of loading it again.
     """
+    from cwa.data.calibration import is_toy_model
+    from cwa.metrics import get_metric
     from cwa.models.loading import load_model
 
     reporter = reporter or NULL_REPORTER
     _validate(config)
-    texts = calibration_texts(config.data)
+    texts = None
+    if get_metric(config.metric).needs_data or config.data.source is not None:
+        # A data-free metric (magnitude, random) on a real model needs no hub access; with
+        # text (given, or the toy default) the run also records the calibration loss.
+        texts = calibration_texts(config.data, config.model.ref)
+    elif is_toy_model(config.model.ref):
+        texts = calibration_texts(config.data, config.model.ref)
     attn = "eager" if config.metric in _DOUBLE_BACKWARD else None
     if loaded is None:
         loaded = load_model(
@@ -160,7 +201,10 @@ def _score_one(
 
         ctx.set_model(config.model.ref, loaded.fingerprint, loaded.device)
         spec = get_metric(config.metric)
-        batches = calibration_batches(loaded, config.data, seed, texts) if texts else None
+        batches = None
+        if texts is not None:
+            batches = calibration_batches(loaded, config.data, seed, texts)
+            ctx.record_config(calibration=calibration_of(loaded, config.data, texts))
         outcome = score_model(
             loaded.model,
             batches if (spec.needs_data or batches) else None,
