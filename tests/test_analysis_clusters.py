@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from cwa.analysis.clusters import ClusterOptions, cluster_weights, sample_weights
+from cwa.analysis.clustering import ClusterOptions, cluster_weights, sample_weights
 from cwa.errors import InvalidInput
 from cwa.scorefile import write_score_file
 

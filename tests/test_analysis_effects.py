@@ -8,7 +8,7 @@ import polars as pl
 import pytest
 from scipy import stats
 
-from cwa.analysis.effects import (
+from cwa.analysis.effect_stats import (
     condition_values,
     difference_interval,
     effect_curves,

@@ -1,356 +1,185 @@
-"""The ``clusters`` analyzer core: group weights by their sensitivity pattern.
+"""The ``clusters`` analyzer: groups of weights with alike sensitivity patterns.
 
-Clustering never sees every scalar of a model. The weights clustered are the union of
+Input: one or more score runs of one model (the first one's top-N and sample define the weights;
+every run contributes a log-score feature). The computation is in :mod:`cwa.analysis.clustering`;
+|w| comes from the checkpoint through :mod:`cwa.analysis.model_weights` (``use_weights=false``
+clusters on scores, depth and component only, for a model whose weights are not at hand).
 
-* the global top-N of the first score run (a streaming merge of per-tensor top-N, the same
-  exact ordering as ``cwa rank``), and
-* a seeded uniform sample of ``sample_size`` weights from the same tensors (drawn with
-  :func:`cwa.perturbation.selection.random_k`, without replacement),
-
-so at most ``top_n + sample_size`` weights (overlaps are counted once). Each sampled weight gets
-the features, gathered tensor by tensor (one score tensor and one weight tensor alive at a time):
-
-* ``log_score[i]`` for score run i: ``sign(s) * log1p(|s| / m_i)``, with ``m_i`` the median of
-  the nonzero |scores| of run i over the sample. This is a log scale that needs no epsilon for
-  exact zeros (they map to 0) and keeps the sign of metrics that can be negative (Hutchinson);
-  dividing by ``m_i`` makes runs of different metrics comparable.
-* ``abs_weight``: |w| from the checkpoint (:mod:`cwa.analysis.model_weights`).
-* ``depth``: ``(layer + 0.5) / n_layers`` in (0, 1); tensors outside the layer stack sit at 0
-  (embeddings) or 1 (final norm, lm_head).
-* ``component=<name>``: one-hot of the element's component (fused tensors are split per element
-  by the architecture map), one column per component present in the sample.
-
-With ``standardize`` (default) every column is z-scored before clustering, so no feature
-dominates by its units; centroids are reported both as raw feature means of the members and in
-the clustering space. Algorithms (scikit-learn): ``kmeans`` (``KMeans``, ``n_init=10``),
-``minibatch_kmeans`` (``MiniBatchKMeans``) and ``dbscan`` (``DBSCAN``; label -1 is noise,
-stored as cluster -1 and left out of the silhouette). The silhouette (Euclidean, clustering
-space) is computed on at most ``silhouette_sample`` points drawn with the seed.
+Tables (migration 0008): ``analysis_clusters`` (one row per cluster: size, silhouette, means,
+dominant component and layer), ``analysis_cluster_centroids`` (long form: cluster, feature, raw
+mean, mean in the clustering space) and ``analysis_cluster_members`` (every clustered weight:
+parameter, flat index, layer, component, score, |w|). A cluster is perturbed against matched
+controls with ``cwa perturb RANK_RUN --treatment cluster:ID`` (see
+:mod:`cwa.analysis.cluster_selection`).
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
+from cwa.analysis.base import AnalysisResult, AnalyzerOption, AnalyzerSpec, DisplayTable
 from cwa.errors import InvalidInput
 
-ALGORITHMS = ("kmeans", "minibatch_kmeans", "dbscan")
+NAME = "clusters"
+DESCRIPTION = "k-means / MiniBatchKMeans / DBSCAN clusters of weights by sensitivity pattern"
 
 
-@dataclass
-class ClusterOptions:
-    algorithm: str = "kmeans"
-    n_clusters: int = 4
-    top_n: int = 1000
-    sample_size: int = 5000
-    seed: int = 0
-    eps: float = 0.5  # DBSCAN neighbourhood radius (clustering space)
-    min_samples: int = 5  # DBSCAN core-point threshold
-    standardize: bool = True
-    silhouette_sample: int = 5000
+def _options(options: dict[str, Any]) -> Any:
+    from cwa.analysis.clustering import ClusterOptions
 
-    def validate(self) -> None:
-        if self.algorithm not in ALGORITHMS:
-            raise InvalidInput(
-                f"unknown clustering algorithm {self.algorithm!r}; use one of "
-                f"{', '.join(ALGORITHMS)}"
-            )
-        for name in ("n_clusters", "min_samples", "silhouette_sample"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise InvalidInput(f"clusters option {name} must be a whole number >= 1")
-        if self.algorithm != "dbscan" and self.n_clusters < 2:
-            raise InvalidInput("clusters needs n_clusters >= 2 (one cluster says nothing)")
-        for name in ("top_n", "sample_size"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-                raise InvalidInput(f"clusters option {name} must be a whole number >= 0")
-        if self.top_n + self.sample_size == 0:
-            raise InvalidInput("clusters needs top_n or sample_size > 0 (nothing to cluster)")
-        if not self.eps > 0:
-            raise InvalidInput(f"clusters option eps must be > 0, got {self.eps}")
+    return ClusterOptions(
+        algorithm=options["algorithm"],
+        n_clusters=options["n_clusters"],
+        top_n=options["top_n"],
+        sample_size=options["sample_size"],
+        seed=options["seed"],
+        eps=options["eps"],
+        min_samples=options["min_samples"],
+        standardize=options["standardize"],
+        silhouette_sample=options["silhouette_sample"],
+    )
 
 
-def common_tensors(score_paths: Sequence[Path], arch: Any) -> list[str]:
-    """Tensors scored by every score run, in architecture order."""
-    from cwa.scorefile import read_score_header
+def _validate(inputs: Any, options: dict[str, Any]) -> None:
+    from cwa.analysis.model_weights import weights_available
 
-    headers = [read_score_header(p)[0] for p in score_paths]
-    for path, header in zip(score_paths, headers, strict=True):
-        unknown = [n for n in header if n not in arch.params]
-        if unknown:
-            raise InvalidInput(
-                f"score file {path} has tensor {unknown[0]!r} that the model lacks; cluster "
-                "score runs of one model"
-            )
-    names = [n for n in arch.params if all(n in h for h in headers)]
-    if not names:
+    _options(options).validate()
+    headers = [inputs.score_header(run) for run in inputs.runs]
+    common = set(headers[0]).intersection(*headers[1:])
+    if not common:
         raise InvalidInput("the score runs share no scored tensor; cluster runs of one model")
-    return names
-
-
-def sample_weights(
-    score_path: Path,
-    names: Sequence[str],
-    numels: Sequence[int],
-    top_n: int,
-    sample_size: int,
-    seed: int,
-) -> Any:
-    """Union of the global top-N of ``score_path`` over ``names`` and a seeded uniform sample.
-
-    Returns a polars frame (parameter, flat_index, in_top_n) in parameter then flat order.
-    """
-    import numpy as np
-    import polars as pl
-    import torch
-
-    from cwa.perturbation.scope import ScopeEntry
-    from cwa.perturbation.selection import random_k
-    from cwa.ranking import RunningTopK
-    from cwa.scorefile import open_scores
-
-    parts: dict[str, list[np.ndarray]] = {n: [] for n in names}
-    top_flags: dict[str, np.ndarray] = {}
-    if top_n:
-        top = RunningTopK(top_n)
-        with open_scores(score_path) as reader:
-            for position, name in enumerate(names):
-                values = reader.get(name).to(torch.float32).numpy().reshape(-1)
-                valid = np.flatnonzero(~np.isnan(values))
-                if valid.size == values.size:
-                    top.offer(position, values)
-                else:
-                    top.offer(position, values[valid], valid)
-                del values
-        for position, name in enumerate(names):
-            flats = np.sort(top.flats[top.positions == position])
-            top_flags[name] = flats
-            parts[name].append(flats)
-    total = int(sum(numels))
-    if sample_size:
-        scope = [ScopeEntry(n, int(c)) for n, c in zip(names, numels, strict=True)]
-        drawn = random_k(scope, min(sample_size, total), seed)
-        for name, idx in drawn.items():
-            parts[name].append(idx.numpy())
-    frames = []
-    for name in names:
-        if not parts[name]:
-            continue
-        flats = np.unique(np.concatenate(parts[name]))
-        if flats.size == 0:
-            continue
-        in_top = np.isin(flats, top_flags.get(name, np.empty(0, dtype=np.int64)))
-        frames.append(
-            pl.DataFrame(
-                {"parameter": [name] * flats.size, "flat_index": flats, "in_top_n": in_top},
-                schema={"parameter": pl.String, "flat_index": pl.Int64, "in_top_n": pl.Boolean},
-            )
-        )
-    return pl.concat(frames)
-
-
-def _depth(layer: int | None, components: tuple[str, ...], n_layers: int) -> float:
-    if layer is not None and n_layers > 0:
-        return (layer + 0.5) / n_layers
-    return 0.0 if any(c in ("embed", "pos_embed") for c in components) else 1.0
-
-
-def weight_features(
-    sample: Any, score_paths: Sequence[Path], weights: Any, arch: Any
-) -> tuple[Any, list[str]]:
-    """Raw features of the sampled weights, gathered tensor by tensor.
-
-    ``weights`` has ``get(name) -> tensor``; returns (frame of ``sample`` plus layer, component,
-    raw ``score_i`` columns and the feature columns, list of feature column names).
-    """
-    from contextlib import ExitStack
-
-    import numpy as np
-    import polars as pl
-    import torch
-
-    from cwa.models.architecture import COMPONENTS
-    from cwa.scorefile import open_scores
-
-    pieces = []
-    with ExitStack() as stack:
-        readers = [stack.enter_context(open_scores(p)) for p in score_paths]
-        for (name,), group in sample.group_by(["parameter"], maintain_order=True):
-            info = arch.params[name]
-            flats = torch.from_numpy(group["flat_index"].to_numpy().astype(np.int64))
-            cols: dict[str, Any] = {}
-            for i, reader in enumerate(readers):
-                scores = reader.get(name).reshape(-1)
-                cols[f"score_{i}"] = scores[flats].to(torch.float64).numpy()
-                del scores
-            tensor = weights.get(name).reshape(-1)
-            cols["abs_weight"] = tensor[flats].abs().to(torch.float64).numpy()
-            del tensor
-            if len(info.components) == 1:
-                comp = [info.components[0]] * len(flats)
-            else:
-                ids = arch.component_ids(name).reshape(-1)[flats].tolist()
-                comp = [COMPONENTS[c] for c in ids]
-            cols["component"] = comp
-            cols["layer"] = [info.layer] * len(flats)
-            cols["depth"] = np.full(len(flats), _depth(info.layer, info.components, arch.n_layers))
-            pieces.append(group.with_columns(pl.DataFrame(cols, strict=False)))
-    frame = pl.concat(pieces, how="vertical_relaxed")
-    features: list[str] = []
-    log_cols = []
-    for i in range(len(score_paths)):
-        raw = frame[f"score_{i}"].to_numpy()
-        if not np.isfinite(raw).all():
-            raise InvalidInput(
-                f"score run {i + 1} has non-finite scores among the sampled weights; re-score"
-            )
-        nonzero = np.abs(raw[raw != 0])
-        scale = float(np.median(nonzero)) if nonzero.size else 1.0
-        log_cols.append(pl.Series(f"log_score_{i}", np.sign(raw) * np.log1p(np.abs(raw) / scale)))
-        features.append(f"log_score_{i}")
-    frame = frame.with_columns(log_cols)
-    features += ["abs_weight", "depth"]
-    present = [c for c in COMPONENTS if c in set(frame["component"].to_list())]
-    frame = frame.with_columns(
-        [(pl.col("component") == c).cast(pl.Float64).alias(f"component={c}") for c in present]
-    )
-    features += [f"component={c}" for c in present]
-    return frame, features
-
-
-def feature_matrix(frame: Any, features: Sequence[str], standardize: bool) -> Any:
-    """The clustering matrix: the feature columns, z-scored per column when ``standardize``
-    (a constant column becomes 0)."""
-    import numpy as np
-
-    matrix = frame.select(features).to_numpy().astype(np.float64)
-    if standardize:
-        mean = matrix.mean(axis=0)
-        std = matrix.std(axis=0)
-        matrix = (matrix - mean) / np.where(std > 0, std, 1.0)
-    return matrix
-
-
-def fit_clusters(matrix: Any, options: ClusterOptions) -> tuple[Any, dict[str, Any]]:
-    """Cluster labels (numpy int array) and fit details for the matrix."""
-    from sklearn.cluster import DBSCAN, KMeans, MiniBatchKMeans
-
-    n = matrix.shape[0]
-    if options.algorithm in ("kmeans", "minibatch_kmeans") and options.n_clusters > n:
+    n_weights = sum(_numel(headers[0][name]) for name in common)
+    cap = min(options["top_n"] + options["sample_size"], n_weights)
+    if options["algorithm"] != "dbscan" and options["n_clusters"] > cap:
         raise InvalidInput(
-            f"n_clusters={options.n_clusters} exceeds the {n} sampled weights; lower it or "
-            "raise top_n / sample_size"
+            f"n_clusters={options['n_clusters']} exceeds the at most {cap} weights clustered; "
+            "lower n_clusters or raise top_n / sample_size"
         )
-    if options.algorithm == "kmeans":
-        model = KMeans(n_clusters=options.n_clusters, n_init=10, random_state=options.seed)
-        labels = model.fit_predict(matrix)
-        return labels, {"inertia": float(model.inertia_), "n_iter": int(model.n_iter_)}
-    if options.algorithm == "minibatch_kmeans":
-        model = MiniBatchKMeans(
-            n_clusters=options.n_clusters, n_init=3, random_state=options.seed, batch_size=1024
+    run = inputs.runs[0]
+    if options["use_weights"] and not weights_available(str(run.model_ref)):
+        raise InvalidInput(
+            f"the weights of model {run.model_ref!r} are not available locally (needed for the "
+            "|w| feature); pass a local model folder, or -o use_weights=false"
         )
-        labels = model.fit_predict(matrix)
-        return labels, {"inertia": float(model.inertia_), "n_iter": int(model.n_iter_)}
-    model = DBSCAN(eps=options.eps, min_samples=options.min_samples)
-    labels = model.fit_predict(matrix)
-    return labels, {"n_noise": int((labels == -1).sum())}
 
 
-def silhouette(matrix: Any, labels: Any, sample: int, seed: int) -> tuple[float | None, Any]:
-    """(overall silhouette, per-point silhouette or None) on the non-noise points, computed on
-    a seeded subsample of at most ``sample`` points; None when fewer than 2 clusters remain."""
-    import numpy as np
-    from sklearn.metrics import silhouette_samples
-
-    keep = np.flatnonzero(labels != -1)
-    if keep.size > sample:
-        keep = np.sort(np.random.default_rng(seed).choice(keep, size=sample, replace=False))
-    n_labels = np.unique(labels[keep]).size
-    if n_labels < 2 or n_labels >= keep.size:
-        return None, None
-    values = silhouette_samples(matrix[keep], labels[keep])
-    per_point = np.full(labels.shape[0], np.nan)
-    per_point[keep] = values
-    return float(values.mean()), per_point
+def _numel(shape: tuple[int, ...]) -> int:
+    out = 1
+    for dim in shape:
+        out *= int(dim)
+    return out
 
 
-def cluster_weights(
-    score_paths: Sequence[Path], weights: Any, arch: Any, options: ClusterOptions
-) -> dict[str, Any]:
-    """Sample, featurise and cluster (see the module docstring).
+class _NoWeights:
+    """Stands in for the checkpoint when ``use_weights`` is off: |w| is left out."""
 
-    Returns ``{"clusters", "centroids", "members"}`` polars frames and ``"summary"`` (dict).
-    """
-    import numpy as np
+    def get(self, name: str) -> Any:  # pragma: no cover - never called without the feature
+        raise InvalidInput("weights are not used in this analysis")
+
+
+def _run(inputs: Any, options: dict[str, Any], reporter: Any) -> AnalysisResult:
     import polars as pl
 
-    options.validate()
-    names = common_tensors(score_paths, arch)
-    numels = [arch.params[n].numel for n in names]
-    sample = sample_weights(
-        score_paths[0], names, numels, options.top_n, options.sample_size, options.seed
-    )
-    frame, features = weight_features(sample, score_paths, weights, arch)
-    matrix = feature_matrix(frame, features, options.standardize)
-    labels, fit = fit_clusters(matrix, options)
-    overall, per_point = silhouette(matrix, labels, options.silhouette_sample, options.seed)
-    frame = frame.with_columns(
-        pl.Series("cluster_id", labels.astype(np.int64)),
-        pl.Series(
-            "silhouette", per_point if per_point is not None else np.full(len(labels), np.nan)
-        ),
-    ).with_columns(pl.col("silhouette").fill_nan(None))
-    clusters = (
-        frame.group_by("cluster_id")
-        .agg(
-            pl.len().alias("size"),
-            pl.col("in_top_n").sum().alias("n_top"),
-            pl.col("silhouette").mean().alias("silhouette"),
-            pl.col("score_0").mean().alias("mean_score"),
-            pl.col("abs_weight").mean().alias("mean_abs_weight"),
-            pl.col("depth").mean().alias("mean_depth"),
-            pl.col("component").mode().sort().first().alias("top_component"),
-            pl.col("layer").mode().sort().first().alias("top_layer"),
-        )
-        .with_columns((pl.col("cluster_id") == -1).alias("is_noise"))
-        .sort("cluster_id")
-    )
-    scaled = pl.DataFrame(matrix, schema=features, orient="row").with_columns(
-        pl.Series("cluster_id", labels.astype(np.int64))
-    )
-    raw_means = frame.group_by("cluster_id").agg([pl.col(f).mean() for f in features])
-    scaled_means = scaled.group_by("cluster_id").agg([pl.col(f).mean() for f in features])
-    centroids = (
-        raw_means.unpivot(index="cluster_id", variable_name="feature", value_name="value")
-        .join(
-            scaled_means.unpivot(
-                index="cluster_id", variable_name="feature", value_name="value_scaled"
-            ),
-            on=["cluster_id", "feature"],
-        )
-        .sort(["cluster_id", "feature"])
-    )
-    members = frame.select(
-        "cluster_id",
-        "parameter",
-        "flat_index",
-        "layer",
-        "component",
-        "in_top_n",
-        pl.col("score_0").alias("score"),
-        "abs_weight",
-    ).sort(["cluster_id", "parameter", "flat_index"])
-    summary = {
-        "n_weights": int(frame.height),
-        "n_top": int(frame["in_top_n"].sum()),
-        "n_clusters": int(np.unique(labels[labels != -1]).size),
-        "silhouette": overall,
-        "features": features,
-        "tensors": len(names),
-        **fit,
+    from cwa.analysis.clustering import cluster_weights
+    from cwa.analysis.model_weights import open_model_weights
+
+    cluster_options = _options(options)
+    first = inputs.runs[0]
+    arch = inputs.architecture(first)
+    paths = [inputs.score_path(run) for run in inputs.runs]
+    reporter.info(f"clustering with {cluster_options.algorithm} on {len(paths)} score run(s)")
+    if options["use_weights"]:
+        model_cfg = (first.config or {}).get("model") or {}
+        with open_model_weights(
+            str(first.model_ref),
+            arch=arch,
+            dtype=str(model_cfg.get("dtype", "auto")),
+            trust_remote_code=bool(model_cfg.get("trust_remote_code", False)),
+            reporter=reporter,
+        ) as weights:
+            out = cluster_weights(paths, weights, weights.arch, cluster_options)
+            source = weights.source
+    else:
+        out = cluster_weights(paths, None, arch, cluster_options)
+        source = "not used"
+    summary = out["summary"]
+    tag = [
+        pl.lit(first.run_id).alias("score_run_id"),
+        pl.lit(cluster_options.algorithm).alias("algorithm"),
+    ]
+    clusters = out["clusters"].with_columns(tag)
+    metrics = {
+        "n_weights": float(summary["n_weights"]),
+        "n_top": float(summary["n_top"]),
+        "n_clusters": float(summary["n_clusters"]),
     }
-    return {"clusters": clusters, "centroids": centroids, "members": members, "summary": summary}
+    if summary["silhouette"] is not None:
+        metrics["silhouette"] = float(summary["silhouette"])
+    if "n_noise" in summary:
+        metrics["n_noise"] = float(summary["n_noise"])
+    if "inertia" in summary:
+        metrics["inertia"] = float(summary["inertia"])
+    display = DisplayTable(
+        f"clusters ({cluster_options.algorithm}, {summary['n_weights']} weights, silhouette "
+        f"{_fmt(summary['silhouette'])})",
+        ("cluster", "size", "in top-N", "silhouette", "mean score", "mean |w|", "depth",
+         "component", "layer"),
+        [
+            (r["cluster_id"], r["size"], r["n_top"], r["silhouette"], r["mean_score"],
+             r["mean_abs_weight"], r["mean_depth"], r["top_component"], r["top_layer"])
+            for r in clusters.iter_rows(named=True)
+        ],
+    )  # fmt: skip
+    return AnalysisResult(
+        tables={
+            "analysis_clusters": clusters,
+            "analysis_cluster_centroids": out["centroids"],
+            "analysis_cluster_members": out["members"],
+        },
+        metrics=metrics,
+        display=[display],
+        effective={
+            "features": summary["features"],
+            "weights_source": source,
+            "score_runs": [run.run_id for run in inputs.runs],
+            "tensors": summary["tensors"],
+        },
+    )
+
+
+def _fmt(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.3f}"
+
+
+ANALYZER = AnalyzerSpec(
+    name=NAME,
+    version="1",
+    description=DESCRIPTION,
+    input_stages=("score",),
+    run=_run,
+    min_runs=1,
+    max_runs=None,
+    same_model=True,
+    options=(
+        AnalyzerOption(
+            "algorithm",
+            "str",
+            "kmeans",
+            "clustering algorithm",
+            choices=("kmeans", "minibatch_kmeans", "dbscan"),
+        ),
+        AnalyzerOption("n_clusters", "int", 4, "clusters (k-means variants)", minimum=2),
+        AnalyzerOption("top_n", "int", 1000, "global top-N of the first run", minimum=0),
+        AnalyzerOption("sample_size", "int", 5000, "seeded uniform sample size", minimum=0),
+        AnalyzerOption("seed", "int", 0, "seed of the sample, k-means and silhouette"),
+        AnalyzerOption("eps", "float", 0.5, "DBSCAN radius (clustering space)", minimum=1e-12),
+        AnalyzerOption("min_samples", "int", 5, "DBSCAN core-point threshold", minimum=1),
+        AnalyzerOption("standardize", "bool", True, "z-score every feature before clustering"),
+        AnalyzerOption(
+            "silhouette_sample", "int", 5000, "points the silhouette is computed on", minimum=2
+        ),
+        AnalyzerOption("use_weights", "bool", True, "include |w| (reads the checkpoint)"),
+    ),  # fmt: skip
+    tables=("analysis_clusters", "analysis_cluster_centroids", "analysis_cluster_members"),
+    validate=_validate,
+)

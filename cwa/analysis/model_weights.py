@@ -113,6 +113,15 @@ def _model_folder(ref: str) -> Path | None:
     return Path(config_file).parent if config_file else None
 
 
+def weights_available(model_ref: str) -> bool:
+    """Whether the weights of ``model_ref`` can be read locally (checkpoint files present)."""
+    folder = _model_folder(model_ref)
+    if folder is None:
+        return False
+    names = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin")
+    return any((folder / n).is_file() for n in names) or bool(list(folder.glob("*.gguf")))
+
+
 @contextmanager
 def open_model_weights(
     model_ref: str,

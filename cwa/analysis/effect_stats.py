@@ -1,12 +1,13 @@
-"""The ``effects`` analyzer core: how much worse the treatment is than its matched controls.
+"""Core of the ``effects`` analyzer: how much worse the treatment is than its matched controls.
 
 Input: the ``perturbation_conditions`` and ``evaluations`` rows of one or more perturb runs. A
-perturb run has one treatment (``top_k`` or ``cluster:ID``: selections whose spec has
-``role="treatment"``) and controls (``random_k``, ``bottom_k``, ``all_k``, plugins). A
+perturb run has one treatment (``top_k`` or ``cluster:ID``), matched controls (``random_k``,
+``bottom_k``, plugins) and unmatched bounds (``all_k``): the ``role`` column of the conditions
+(runs stored before it existed: the selection registry's ``role``/``matched`` flags). A
 treatment cell is (perturb run, method, scale, bit, k, task, metric, task config); the controls
-compared with it are the conditions of the same run with the same method, scale, bit and number
-of selected weights ``k`` (so ``all_k``, whose k is the scope, is compared only when it happens to
-have the treatment's size). Values are pooled over seeds.
+compared with it are the matched controls of the same run with the same method, scale, bit and
+number of selected weights ``k``; bounds appear in the curves only. Values are pooled over
+seeds.
 
 Per (treatment cell, control selection), with T the treatment values (one unless the method is
 stochastic) and C the control values over seeds:
@@ -44,8 +45,9 @@ _CELL = ["perturb_run_id", "method", "scale", "bit", "k", "task", "metric", "tas
 
 
 def selection_role(label: str) -> str:
-    """``treatment`` or ``control`` for a condition's selection label (``name`` or
-    ``name:param``), from the selection registry; unknown names count as controls."""
+    """``treatment``, ``control`` (matched) or ``bound`` (unmatched, e.g. ``all_k``) for a
+    condition's selection label (``name`` or ``name:param``), from the selection registry, for
+    runs stored before conditions recorded their role; unknown names count as controls."""
     from cwa.perturbation import SELECTIONS
 
     name = label.partition(":")[0]
@@ -54,9 +56,12 @@ def selection_role(label: str) -> str:
     try:
         from cwa.perturbation.contract import as_selection_spec
 
-        return str(as_selection_spec(SELECTIONS.get(name), name).role)
+        spec = as_selection_spec(SELECTIONS.get(name), name)
     except Exception:  # noqa: BLE001 - a broken plugin entry must not hide the built-ins' roles
         return "control"
+    if spec.role == "treatment":
+        return "treatment"
+    return "control" if spec.matched else "bound"
 
 
 def difference_interval(
@@ -116,13 +121,18 @@ def condition_values(conditions: Any, evaluations: Any) -> Any:
             "k",
             "seed",
             "n_changed",
+            *(["role"] if "role" in conditions.columns else []),
         ),
         on=["run_id", "condition_id"],
     )
     values = values.join(baseline, on=["run_id", "task", "metric", "task_config_hash"], how="left")
     roles = {s: selection_role(s) for s in values["selection"].unique().to_list()}
-    return values.rename({"run_id": "perturb_run_id"}).with_columns(
-        pl.col("selection").replace_strict(roles, return_dtype=pl.String).alias("role")
+    fallback = pl.col("selection").replace_strict(roles, return_dtype=pl.String)
+    stored = pl.col("role") if "role" in values.columns else pl.lit(None, dtype=pl.String)
+    return (
+        values.rename({"run_id": "perturb_run_id"})
+        .with_columns(pl.coalesce(stored, fallback).alias("role"))
+        .select(pl.exclude("role"), "role")
     )
 
 
