@@ -86,7 +86,8 @@ def collect(
                     break
                 reasons.append(reason)
             if item.frame is None:
-                item.missing = f"not available: {spec.hint} ({'; '.join(dict.fromkeys(reasons))})"
+                # The last source is the most basic one: its reason is the one to act on.
+                item.missing = f"not available: {spec.hint} ({reasons[-1]})"
             collected.append(item)
     return collected
 

@@ -44,6 +44,12 @@ _MAIN_CONDITION = """WITH main AS (
 )"""
 
 
+_PROFILE_RUN = """WITH newest AS (
+    SELECT max(run_id) AS run_id FROM analysis_profile
+    WHERE run_id IN ({analyze_runs}) AND score_run_id = {score_run}
+)"""
+
+
 def _metric(runs: Any) -> dict[str, Any]:
     return {"metric": runs.score_metric or "score"}
 
@@ -56,6 +62,17 @@ FIGURES: tuple[FigureSpec, ...] = (
         "size); the line runs from the median to the maximum.",
         draw="figures_scores:score_distribution",
         sources=(
+            Source(
+                sql=_PROFILE_RUN
+                + """
+SELECT component, p50, p90, p99, max
+FROM analysis_profile
+WHERE run_id = (SELECT run_id FROM newest) AND score_run_id = {score_run}
+  AND level = 'component'
+ORDER BY component""",
+                tables=("analysis_profile",),
+                needs=("score_run", "analyze_runs"),
+            ),
             Source(
                 sql="""SELECT component,
        sum(p50 * numel) / sum(numel) AS p50,
@@ -81,6 +98,17 @@ ORDER BY component""",
         draw="figures_scores:sensitivity_heatmap",
         sources=(
             Source(
+                sql=_PROFILE_RUN
+                + """
+SELECT layer, component, share AS mass_share
+FROM analysis_profile
+WHERE run_id = (SELECT run_id FROM newest) AND score_run_id = {score_run}
+  AND level = 'layer_component'
+ORDER BY layer, component""",
+                tables=("analysis_profile",),
+                needs=("score_run", "analyze_runs"),
+            ),
+            Source(
                 sql="""SELECT layer, component,
        sum(sum) / (SELECT sum(sum) FROM tensor_stats WHERE run_id = {score_run}) AS mass_share
 FROM tensor_stats
@@ -99,6 +127,30 @@ ORDER BY layer, component""",
         caption="Mean score per weight in each block, with the fitted trend over depth.",
         draw="figures_scores:depth_profile",
         sources=(
+            Source(
+                sql=_PROFILE_RUN
+                + """,
+layers AS (
+    SELECT layer, mean AS mean_score FROM analysis_profile
+    WHERE run_id = (SELECT run_id FROM newest) AND score_run_id = {score_run}
+      AND level = 'layer' AND layer IS NOT NULL
+),
+trend AS (
+    SELECT slope, intercept, pattern FROM analysis_depth_trend
+    WHERE run_id = (SELECT run_id FROM newest) AND score_run_id = {score_run}
+      AND scope = 'model'
+)
+-- The stored fit is of value / mean value; scale it back to score units.
+SELECT l.layer, l.mean_score,
+       t.slope * (SELECT avg(mean_score) FROM layers) AS slope,
+       t.intercept * (SELECT avg(mean_score) FROM layers) AS intercept,
+       false AS log_scale, t.pattern
+FROM layers l CROSS JOIN trend t
+ORDER BY l.layer""",
+                tables=("analysis_profile", "analysis_depth_trend"),
+                needs=("score_run", "analyze_runs"),
+                min_rows=2,
+            ),
             Source(
                 sql="""SELECT layer, sum(sum) / sum(numel) AS mean_score
 FROM tensor_stats
@@ -245,6 +297,82 @@ ORDER BY layer""",
             ),
         ),
         hint="run `cwa score --metric super_weight`",
+    ),
+    FigureSpec(
+        name="stability_curves",
+        title="Ranking stability across seeds",
+        caption="Agreement of the global top-k between score runs (seeds) as k grows: Jaccard "
+        "and rank-biased overlap, mean over pairs with the interval the analyze stage stored.",
+        draw="figures_analysis:stability_curves",
+        sources=(
+            Source(
+                sql="""SELECT statistic, k, n_pairs, mean,
+       coalesce(ci_low, min) AS ci_low, coalesce(ci_high, max) AS ci_high
+FROM analysis_stability_summary
+WHERE run_id = (SELECT max(run_id) FROM analysis_stability_summary
+                WHERE run_id IN ({analyze_runs}) AND scope = 'global')
+  AND scope = 'global' AND statistic IN ('jaccard', 'rbo')
+ORDER BY statistic, k""",
+                tables=("analysis_stability_summary",),
+                needs=("analyze_runs",),
+            ),
+        ),
+        hint="score with several seeds, then run `cwa analyze --analyzers stability` on them",
+    ),
+    FigureSpec(
+        name="metric_correlation",
+        title="Agreement between score runs",
+        caption="Spearman rank correlation of the scores of every pair of score runs (different "
+        "metrics or seeds) over the same weights.",
+        draw="figures_analysis:metric_correlation",
+        sources=(
+            Source(
+                sql="""SELECT
+       json_extract_string(ra.config, '$.metric') || ' s' || coalesce(CAST(ra.seed AS VARCHAR), '-')
+           || ' ' || right(c.row_key, 4) AS row_key,
+       json_extract_string(rb.config, '$.metric') || ' s' || coalesce(CAST(rb.seed AS VARCHAR), '-')
+           || ' ' || right(c.col_key, 4) AS col_key,
+       c.value
+FROM analysis_correlation c
+JOIN runs ra ON ra.run_id = c.row_key
+JOIN runs rb ON rb.run_id = c.col_key
+WHERE c.run_id = (SELECT max(run_id) FROM analysis_correlation
+                  WHERE run_id IN ({analyze_runs}) AND kind = 'metric')
+  AND c.kind = 'metric' AND c.scope = 'global' AND c.statistic = 'spearman'
+ORDER BY c.row_key, c.col_key""",
+                tables=("analysis_correlation",),
+                needs=("analyze_runs",),
+            ),
+        ),
+        hint="score with two or more metrics or seeds, then run "
+        "`cwa analyze --analyzers correlation`",
+    ),
+    FigureSpec(
+        name="layer_correlation",
+        title="Similarity of score patterns between layers",
+        caption="Spearman correlation between layers of their per-component score profile "
+        "(the analyze stage's layer × layer matrix for the primary score run).",
+        draw="figures_analysis:layer_correlation",
+        sources=(
+            Source(
+                sql="""SELECT row_key, col_key, value
+FROM analysis_correlation
+WHERE run_id = (SELECT max(run_id) FROM analysis_correlation
+                WHERE run_id IN ({analyze_runs}) AND kind = 'layer')
+  AND kind = 'layer' AND statistic = 'spearman'
+  AND group_key = (SELECT coalesce(max(group_key) FILTER (group_key = {score_run}),
+                                   max(group_key))
+                   FROM analysis_correlation
+                   WHERE run_id IN ({analyze_runs}) AND kind = 'layer')
+  AND scope = (SELECT min(scope) FROM analysis_correlation
+               WHERE run_id IN ({analyze_runs}) AND kind = 'layer')
+ORDER BY TRY_CAST(regexp_extract(row_key, '(\\d+)', 1) AS INTEGER),
+         TRY_CAST(regexp_extract(col_key, '(\\d+)', 1) AS INTEGER)""",
+                tables=("analysis_correlation",),
+                needs=("analyze_runs", "score_run"),
+            ),
+        ),
+        hint="run `cwa analyze --analyzers correlation` on a score run",
     ),
 )
 

@@ -40,7 +40,7 @@ _MARKERS = ("o", "s", "^", "D", "*")
 
 @styled
 def score_distribution(table: pl.DataFrame, *, metric: str = "score") -> Figure:
-    """Columns: component, p50, p90, p99, p99_9, max (numel-weighted over its tensors).
+    """Columns: component, p50, p90, p99, max, and p99_9 when known.
 
     One row per component; a marker per quantile on a log axis, joined by a line from the
     median to the maximum so the tail length reads at a glance.
@@ -51,7 +51,10 @@ def score_distribution(table: pl.DataFrame, *, metric: str = "score") -> Figure:
     lows = table["p50"].to_numpy().astype(float)
     highs = table["max"].to_numpy().astype(float)
     ax.hlines(y, lows, highs, color="#999999", linewidth=1, zorder=1)
+    present = [(c, label) for c, label in QUANTILE_COLUMNS if c in table.columns]
     for i, (column, label) in enumerate(QUANTILE_COLUMNS):
+        if column not in table.columns:
+            continue
         ax.scatter(
             table[column].to_numpy().astype(float),
             y,
@@ -61,7 +64,7 @@ def score_distribution(table: pl.DataFrame, *, metric: str = "score") -> Figure:
             label=label,
             zorder=2,
         )
-    values = table.select([c for c, _ in QUANTILE_COLUMNS]).to_numpy().astype(float)
+    values = table.select([c for c, _ in present]).to_numpy().astype(float)
     if np.all(values[np.isfinite(values)] > 0):
         ax.set_xscale("log")
     else:  # e.g. Hessian diagonals can be negative: keep the decades but allow zero and sign
@@ -138,7 +141,9 @@ def depth_profile(table: pl.DataFrame, *, metric: str = "score") -> Figure:
     if "slope" in table.columns and table["slope"][0] is not None:
         slope, intercept = float(table["slope"][0]), float(table["intercept"][0])
         use_log = bool(table["log_scale"][0]) if "log_scale" in table.columns else True
-        source = "stored fit"
+        source = "analyze"
+        if "pattern" in table.columns and table["pattern"][0]:
+            source += f", {table['pattern'][0]}"
     else:
         slope, intercept, use_log = depth_trend(layers, values)
         source = "least squares"
