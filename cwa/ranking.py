@@ -5,24 +5,20 @@ set of at most k candidates; all scores are never concatenated (DESIGN.md "Perfo
 Extra memory is O(k * groups) for the running sets plus a few temporaries of the size of the
 tensor being read.
 
-Order (exact, including ties): higher score first; among equal scores the parameter that comes
-first in the architecture map (``named_parameters()`` order) wins, then the lower flat index.
-``bottom=True`` ranks lowest scores first with the same tie rule. NaN scores mean "not scored"
-(out-of-scope elements of a partly selected tensor) and are never ranked; ``layers`` /
-``components`` narrow the ranking further through the architecture map.
+Key and order (exact, including ties): the key is the score (``by="value"``) or its absolute
+value (``by="abs"``, the default of the rank stage for signed metrics such as ``hutchinson_diag``
+and ``obd``); higher key first; among equal keys the parameter that comes first in the
+architecture map (``named_parameters()`` order) wins, then the lower flat index. ``bottom=True``
+ranks lowest keys first with the same tie rule. Rows always carry the raw score. NaN scores mean
+"not scored" (out-of-scope elements of a partly selected tensor) and are never ranked;
+``layers`` / ``components`` narrow the ranking further through the architecture map.
 
-Modes and their groups (``rank`` counts from 1 inside each group; ``group`` names it):
-
-- ``global``: one group, ``"all"``.
-- ``tensor``: one group per parameter (the parameter name).
-- ``layer``: one group per layer index (``"layer=3"``; ``"layer=none"`` for tensors outside the
-  layer stack: embeddings, final norm, untied lm_head).
-- ``component``: one group per component (``"attn_q"``, ...); a fused tensor (GPT-2 ``c_attn``)
-  contributes each element to its own component's group.
-- ``head``: one group per (layer, head) over the elements the architecture map assigns to an
-  attention head (``"layer=3,head=5"``); elements outside heads (output-projection bias,
-  non-attention tensors) are not ranked. The head number is the map's: a query head for
-  attn_q/attn_o elements, a key/value head for attn_k/attn_v (they coincide without GQA).
+Modes and their groups (``rank`` counts from 1 inside each group; ``group`` names it) are
+defined once, in :mod:`cwa.perturbation.groups`, which the matched controls use too: ``global``
+(``"all"``), ``tensor`` (the parameter), ``layer`` (``"layer=3"``, ``"layer=none"``),
+``component`` (``"attn_q"``; fused tensors split per element) and ``head``: by default one group
+per key-value head with the query heads reading it (``"layer=3,kv_head=1"``; GQA-correct), or
+per (component, head) with ``head_grouping="component"`` (``"layer=3,attn_q,head=5"``).
 
 Per-group selection: a tensor's candidates are pre-filtered against the group's current k-th
 key, then the k best are found with ``numpy.partition`` (O(n)) and the tie boundary is resolved
@@ -74,6 +70,8 @@ class RunningTopK:
     keys: np.ndarray = field(default_factory=lambda: np.empty(0, dtype=np.float32))
     positions: np.ndarray = field(default_factory=lambda: np.empty(0, dtype=np.int64))
     flats: np.ndarray = field(default_factory=lambda: np.empty(0, dtype=np.int64))
+    # The raw scores of the held entries when the key is not the score itself (|score|).
+    values: np.ndarray | None = None
 
     @property
     def full(self) -> bool:
@@ -82,14 +80,22 @@ class RunningTopK:
     def nbytes(self) -> int:
         return int(self.keys.nbytes + self.positions.nbytes + self.flats.nbytes)
 
-    def offer(self, position: int, keys: np.ndarray, flats: np.ndarray | None = None) -> None:
+    def offer(
+        self,
+        position: int,
+        keys: np.ndarray,
+        flats: np.ndarray | None = None,
+        values: np.ndarray | None = None,
+    ) -> None:
         """Offer candidates of one tensor: 1-D float32 ``keys`` (no NaN) at ``flats``.
 
         ``flats`` (ascending flat indices of ``keys`` inside the tensor) defaults to
-        ``arange(len(keys))``.
+        ``arange(len(keys))``; ``values`` (parallel to ``keys``) are raw scores kept beside
+        the keys when they differ from them.
         """
         if keys.size == 0:
             return
+        raw = values
         local: np.ndarray | None = None  # indices into ``keys`` still in the running
         if self.full:
             # Equal keys lose to held entries (earlier position), so strictly greater only.
@@ -97,9 +103,11 @@ class RunningTopK:
             if local.size == 0:
                 return
             keys = keys[local]
+            raw = None if raw is None else raw[local]
         if keys.size > self.k:
             pick = _top_indices(keys, self.k)
             keys = keys[pick]
+            raw = None if raw is None else raw[pick]
             local = pick if local is None else local[pick]
         elif local is None:
             local = np.arange(keys.size, dtype=np.int64)
@@ -116,6 +124,9 @@ class RunningTopK:
         self.keys = merged_keys[best]
         self.positions = merged_positions[best]
         self.flats = merged_flats[best]
+        if raw is not None:
+            held = self.values if self.values is not None else np.empty(0, dtype=np.float32)
+            self.values = np.concatenate([held, raw[order]])[best]
 
 
 def _top_indices(keys: np.ndarray, k: int) -> np.ndarray:
@@ -127,19 +138,7 @@ def _top_indices(keys: np.ndarray, k: int) -> np.ndarray:
     return np.sort(np.concatenate([above, ties]))
 
 
-def _group_label(mode: str, group: Any) -> str:
-    if mode == "global":
-        return "all"
-    if mode == "layer":
-        return f"layer={'none' if group is None else group}"
-    if mode == "head":
-        layer, head = group
-        return f"layer={'none' if layer is None else layer},head={head}"
-    return str(group)
-
-
-def _has_heads(info: Any) -> bool:
-    return any(seg.n_heads is not None for seg in info.segments)
+RANK_KEYS: tuple[str, ...] = ("abs", "value")
 
 
 def rank_tensors(
@@ -152,17 +151,24 @@ def rank_tensors(
     layers: Iterable[int] | None = None,
     components: Iterable[str] | None = None,
     weights: Mapping[str, torch.Tensor] | None = None,
+    by: str = "value",
+    head_grouping: str = "kv",
 ) -> list[dict[str, Any]]:
     """Rank score tensors given as (parameter name, tensor), in architecture order.
 
     The core of :func:`rank_scores`; ``tensors`` may be a lazy generator (it is consumed once,
     one tensor alive at a time). Tensors of parameters outside ``layers``/``components`` are
-    skipped; names unknown to ``arch`` raise InvalidInput.
+    skipped; names unknown to ``arch`` raise InvalidInput. ``by="abs"`` ranks by ``|score|``
+    (rows still carry the raw score); groups follow :mod:`cwa.perturbation.groups`.
     """
-    from cwa.models.architecture import COMPONENTS, resolve_components
+    from cwa.models.architecture import resolve_components
+    from cwa.perturbation.groups import check_head_grouping, element_groups
 
     if mode not in RANK_MODES:
         raise InvalidInput(f"unknown rank mode {mode!r}; use one of {', '.join(RANK_MODES)}")
+    if by not in RANK_KEYS:
+        raise InvalidInput(f"unknown ranking key {by!r}; use one of {', '.join(RANK_KEYS)}")
+    check_head_grouping(head_grouping)
     if isinstance(k, bool) or not isinstance(k, int) or k < 1:
         raise InvalidInput(f"top-k must be a positive integer, got {k!r}")
     layers = None if layers is None else sorted({int(x) for x in layers})
@@ -170,13 +176,8 @@ def rank_tensors(
     in_scope = arch.select(layers=layers, components=comps)
     position_of = {name: i for i, name in enumerate(arch.params)}
     scope_set = set(in_scope)
-    groups: dict[Any, RunningTopK] = {}
+    groups: dict[str, RunningTopK] = {}
     last_position = -1
-
-    def group_for(key: Any) -> RunningTopK:
-        if key not in groups:
-            groups[key] = RunningTopK(k)
-        return groups[key]
 
     for name, tensor in tensors:
         if name not in position_of:
@@ -190,47 +191,30 @@ def rank_tensors(
         last_position = position
         if name not in scope_set:
             continue
-        info = arch.params[name]
         values = tensor.detach().to("cpu", torch.float32).numpy().reshape(-1)
         valid = ~np.isnan(values)
-        mask = None
         if layers is not None or comps is not None:
             mask = arch.scope_mask(name, layers=layers, components=comps)
-        if mask is not None:
-            valid &= mask.numpy().reshape(-1)
-        keys = -values if bottom else values
-        whole = bool(valid.all())
-        if mode in ("global", "tensor", "layer") or (
-            mode == "component" and len(info.components) == 1
-        ):
-            key = {
-                "global": None,
-                "tensor": name,
-                "layer": info.layer,
-                "component": info.components[0],
-            }[mode]
-            if whole:
-                group_for(key).offer(position, keys)
+            if mask is not None:
+                valid &= mask.numpy().reshape(-1)
+        keys = np.abs(values) if by == "abs" else values
+        keys = -keys if bottom else keys
+        raw = values if by == "abs" else None
+        labels, ids = element_groups(arch, name, mode, head_grouping)
+        for i, label in enumerate(labels):
+            member = valid if ids is None else valid & (ids == i)
+            top = groups.setdefault(label, RunningTopK(k))
+            if ids is None and bool(member.all()):
+                top.offer(position, keys, None, raw)
             else:
-                flats = np.flatnonzero(valid)
-                group_for(key).offer(position, keys[flats], flats)
-        elif mode == "component":
-            ids = arch.component_ids(name).numpy().reshape(-1)
-            for comp in info.components:
-                flats = np.flatnonzero(valid & (ids == COMPONENTS.index(comp)))
-                group_for(comp).offer(position, keys[flats], flats)
-        elif _has_heads(info):  # head mode
-            heads = arch.head_ids(name).numpy().reshape(-1)
-            for head in np.unique(heads[valid & (heads >= 0)]).tolist():
-                flats = np.flatnonzero(valid & (heads == head))
-                group_for((info.layer, int(head))).offer(position, keys[flats], flats)
+                flats = np.flatnonzero(member)
+                top.offer(position, keys[flats], flats, None if raw is None else raw[flats])
         del values, valid, keys, tensor
-    return _rows(groups, mode, bottom, arch, weights)
+    return _rows(groups, bottom, arch, weights)
 
 
 def _rows(
-    groups: dict[Any, RunningTopK],
-    mode: str,
+    groups: dict[str, RunningTopK],
     bottom: bool,
     arch: Any,
     weights: Mapping[str, torch.Tensor] | None,
@@ -240,10 +224,10 @@ def _rows(
     names = list(arch.params)
     rows: list[dict[str, Any]] = []
     wanted: dict[int, list[int]] = {}  # parameter position -> indices into ``rows``
-    for group_key, top in groups.items():
-        label = _group_label(mode, group_key)
-        ranked = zip(top.keys.tolist(), top.positions.tolist(), top.flats.tolist(), strict=True)
-        for rank, (key, position, flat) in enumerate(ranked, start=1):
+    for label, top in groups.items():
+        scores = (-top.keys if bottom else top.keys) if top.values is None else top.values
+        ranked = zip(scores.tolist(), top.positions.tolist(), top.flats.tolist(), strict=True)
+        for rank, (score, position, flat) in enumerate(ranked, start=1):
             info = arch.params[names[position]]
             if len(info.shape) >= 2:
                 row, column = divmod(flat, info.numel // info.shape[0])
@@ -260,7 +244,7 @@ def _rows(
                     "layer": info.layer,
                     "component": info.components[0],
                     "head": None,
-                    "score": -key if bottom else key,
+                    "score": score,
                     "weight_value": None,
                     "group": label,
                 }
@@ -274,7 +258,7 @@ def _rows(
             ids = arch.component_ids(name).reshape(-1)[flats].tolist()
             for i, component_id in zip(row_indices, ids, strict=True):
                 rows[i]["component"] = COMPONENTS[component_id]
-        if _has_heads(info):
+        if any(seg.n_heads is not None for seg in info.segments):
             heads = arch.head_ids(name).reshape(-1)[flats].tolist()
             for i, head in zip(row_indices, heads, strict=True):
                 rows[i]["head"] = head if head >= 0 else None
@@ -306,6 +290,8 @@ def rank_scores(
     layers: Iterable[int] | None = None,
     components: Iterable[str] | None = None,
     weights: Mapping[str, torch.Tensor] | None = None,
+    by: str = "value",
+    head_grouping: str = "kv",
 ) -> list[dict[str, Any]]:
     """Top-k (or bottom-k) weights of a score file, per ``mode`` group (see module docstring).
 
@@ -338,6 +324,8 @@ def rank_scores(
         layers=layers,
         components=components,
         weights=weights,
+        by=by,
+        head_grouping=head_grouping,
     )
 
 

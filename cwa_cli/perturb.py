@@ -46,9 +46,16 @@ def perturb_cmd(
     controls: Annotated[
         str,
         typer.Option(
-            "--controls", help="Control selections: random_k, bottom_k, all_k ('' for none)."
+            "--controls",
+            help="Control selections: random_k, bottom_k, all_k, NAME:PARAM or a module:attr "
+            "plugin ('' for none). random_k/bottom_k match the treatment's count in every "
+            "group of the rank mode.",
         ),
     ] = "random_k,bottom_k",
+    treatment: Annotated[
+        str,
+        typer.Option("--treatment", help="The treatment selection (default top_k), or NAME:PARAM."),
+    ] = "top_k",
     seeds: Annotated[str, typer.Option("--seeds", help="Seeds for random controls / noise.")] = "0",
     k_values: Annotated[
         str | None,
@@ -103,6 +110,7 @@ def perturb_cmd(
         scales=[scale] if scale is not None else parse_float_list(scales, what="scale"),
         bit=bit,
         controls=parse_name_list(controls) or [],
+        treatment=treatment,
         seeds=parse_seeds(seeds),
         k_values=parse_int_list(k_values, what="k"),
         layers=parse_int_list(layers, what="layer"),

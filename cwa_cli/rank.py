@@ -19,10 +19,32 @@ def rank_cmd(
     score_run: Annotated[
         str, typer.Argument(help="Score run id, prefix, or 'latest' (the newest score run).")
     ] = "latest",
-    topk: Annotated[int, typer.Option("--topk", "-k", help="Weights per group.")] = 100,
+    topk: Annotated[
+        str,
+        typer.Option(
+            "--topk", "-k", help="Weights per group, or 'all' (every weight in scope; warns)."
+        ),
+    ] = "100",
     mode: Annotated[
         str, typer.Option("--mode", help="global, layer, tensor, head or component.")
     ] = "global",
+    by: Annotated[
+        str | None,
+        typer.Option(
+            "--by",
+            help="Ranking key: abs (|score|) or value. Default: abs for metrics whose scores "
+            "can be negative (hutchinson_diag, obd), value otherwise. Controls use the same key.",
+        ),
+    ] = None,
+    head_grouping: Annotated[
+        str,
+        typer.Option(
+            "--head-grouping",
+            help="Head mode groups: kv = one group per key-value head with the query heads "
+            "that read it (q rows, o columns, shared k/v rows; GQA-correct), component = one "
+            "group per (component, head).",
+        ),
+    ] = "kv",
     bottom: Annotated[
         bool, typer.Option("--bottom", help="The least sensitive weights instead.")
     ] = False,
@@ -38,6 +60,12 @@ def rank_cmd(
 ) -> None:
     """Rank the weights of a score run; prints the rank run id and the top rows.
 
+    Head mode groups attention weights by key-value head (--head-grouping kv, the default): the
+    group "layer=L,kv_head=J" holds kv head J's k/v rows and the query heads that read it (their
+    q rows and o columns), so under grouped-query attention (Llama-3, Mistral, Qwen2) a group is
+    a unit that can be removed from the forward pass alone. --head-grouping component gives one
+    group per (component, head) instead ("layer=L,attn_q,head=H").
+
     Examples:
       cwa rank latest --topk 1000
       cwa rank 01J9Z3 --mode head -k 20 --components attn_q,attn_k,attn_v
@@ -48,8 +76,10 @@ def rank_cmd(
 
     config = RankConfig(
         score_run=score_run,
-        topk=topk,
+        topk=topk.strip().lower() if topk.strip().lower() == "all" else _int_topk(topk),
         mode=mode,
+        by=by,
+        head_grouping=head_grouping,
         bottom=bottom,
         layers=parse_int_list(layers, what="layer"),
         components=parse_name_list(components),
@@ -79,3 +109,12 @@ def rank_cmd(
         ]
         head = frame.select(columns).head(show)
         _output.stderr.print(_output.table(columns, head.rows(), title="top rows"))
+
+
+def _int_topk(text: str) -> int:
+    from cwa.errors import InvalidInput
+
+    try:
+        return int(text)
+    except ValueError:
+        raise InvalidInput(f"--topk {text!r}: give a whole number or 'all'") from None

@@ -163,15 +163,27 @@ def test_bottom_k_matches_brute_force_with_ties_and_zeros(zeros: str, k: int) ->
     assert selection.info["n_zero_scores_in_scope"] == n_zero
 
 
-def test_bottom_k_with_continuous_scores_and_absolute() -> None:
+@pytest.mark.parametrize("key", ["abs", "value"])
+def test_bottom_k_with_signed_scores_follows_the_key(key: str) -> None:
+    """Signed scores (a Hessian diagonal) are well defined under both keys: abs takes the
+    weights nearest zero curvature, value the most negative ones (brute-force sort)."""
     scope = masked_scope()
     gen = torch.Generator().manual_seed(3)
     scores = {e.name: torch.randn(e.numel, generator=gen) for e in scope}
-    with pytest.raises(InvalidInput, match="absolute=True"):
-        bottom_k(scores, scope, 10)
-    selection = bottom_k(scores, scope, 123, absolute=True)
-    expected = brute_force_bottom(scores, scope, 123, absolute=True)
+    selection = bottom_k(scores, scope, 123, key=key)
+    expected = brute_force_bottom(scores, scope, 123, absolute=key == "abs")
     assert {n: v.tolist() for n, v in selection.items()} == expected
+    assert selection.info["key"] == key
+    chosen = torch.cat([scores[n][v] for n, v in selection.items()])
+    if key == "abs":
+        assert chosen.abs().max() < 0.1  # 123 of ~500 standard normals nearest 0
+    else:
+        assert chosen.max() < -0.5  # the most negative values
+    # the older spelling
+    legacy = bottom_k(scores, scope, 123, absolute=True)
+    assert {n: v.tolist() for n, v in legacy.items()} == brute_force_bottom(
+        scores, scope, 123, absolute=True
+    )
 
 
 def test_bottom_k_errors() -> None:

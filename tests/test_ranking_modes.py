@@ -19,7 +19,7 @@ from cwa.models.architecture import (  # noqa: E402
     build_architecture_map,
     resolve_components,
 )
-from cwa.ranking import RANK_MODES, RunningTopK, rank_scores, ranking_frame  # noqa: E402
+from cwa.ranking import RANK_MODES, RunningTopK, rank_scores, rank_tensors, ranking_frame  # noqa: E402
 from cwa.scorefile import write_score_file  # noqa: E402
 
 
@@ -56,8 +56,14 @@ def scored(request, tmp_path_factory):
     return model, arch, scores, path
 
 
-def brute_force(arch, scores, k, mode, bottom, layers=None, components=None):
-    """Definition by full sort: key (score desc | asc, parameter order, flat index)."""
+def brute_force(
+    arch, scores, k, mode, bottom, layers=None, components=None, by="value", grouping="kv"
+):
+    """Definition by full sort: key (score desc | asc, parameter order, flat index).
+
+    Head groups, written out independently: ``kv`` = the query heads of key-value head J (q, o)
+    with that key-value head (k, v); ``component`` = (component, head in its own numbering).
+    """
     comps = resolve_components(components)
     scope = set(arch.select(layers=layers, components=comps))
     groups: dict[str, list] = {}
@@ -76,7 +82,14 @@ def brute_force(arch, scores, k, mode, bottom, layers=None, components=None):
             if mode == "head":
                 if head_ids[flat] < 0:
                     continue
-                group = f"layer={layer},head={head_ids[flat]}"
+                component = COMPONENTS[component_ids[flat]]
+                if grouping == "component":
+                    group = f"layer={layer},{component},head={head_ids[flat]}"
+                elif component in ("attn_k", "attn_v"):
+                    group = f"layer={layer},kv_head={head_ids[flat]}"
+                else:  # query head h reads key-value head h // (n_heads / n_kv_heads)
+                    kv = head_ids[flat] // (arch.n_heads // arch.n_kv_heads)
+                    group = f"layer={layer},kv_head={kv}"
             else:
                 group = {
                     "global": "all",
@@ -84,7 +97,8 @@ def brute_force(arch, scores, k, mode, bottom, layers=None, components=None):
                     "layer": f"layer={layer}",
                     "component": COMPONENTS[component_ids[flat]],
                 }[mode]
-            key = (value if bottom else -value, position, flat)
+            sort_value = abs(value) if by == "abs" else value
+            key = (sort_value if bottom else -sort_value, position, flat)
             groups.setdefault(group, []).append((key, name, flat, value))
     rows = []
     for group, entries in groups.items():
@@ -190,3 +204,50 @@ def test_invalid_requests_are_refused(scored, tmp_path):
     write_score_file(tmp_path / "other", {"not.a.parameter": torch.zeros(3)})
     with pytest.raises(InvalidInput, match="lacks"):
         rank_scores(tmp_path / "other", arch, k=3)
+
+
+@pytest.fixture(scope="module")
+def signed_scores(tmp_path_factory):
+    """GQA Llama with signed scores (integers -4..4, many ties), as a Hessian diagonal gives."""
+    model = llama_gqa()
+    arch = build_architecture_map(model)
+    generator = torch.Generator().manual_seed(7)
+    scores = {
+        name: torch.randint(-4, 5, param.shape, generator=generator).float()
+        for name, param in model.named_parameters()
+    }
+    path = tmp_path_factory.mktemp("signed") / "scores.safetensors"
+    write_score_file(path, scores)
+    return arch, scores, path
+
+
+@pytest.mark.parametrize("mode", RANK_MODES)
+@pytest.mark.parametrize("by", ["abs", "value"])
+@pytest.mark.parametrize("bottom", [False, True])
+def test_ranking_key_abs_and_value_equal_brute_force(signed_scores, mode, by, bottom):
+    arch, scores, path = signed_scores
+    rows = rank_scores(path, arch, k=11, mode=mode, bottom=bottom, by=by)
+    assert simplified(rows) == brute_force(arch, scores, 11, mode, bottom, by=by)
+    if by == "abs" and not bottom:  # raw (negative) scores are kept in the rows
+        assert any(r["score"] < 0 for r in rows)
+
+
+def test_head_grouping_per_component_equals_brute_force(scored):
+    _, arch, scores, path = scored
+    rows = rank_scores(path, arch, k=3, mode="head", head_grouping="component")
+    assert simplified(rows) == brute_force(arch, scores, 3, "head", False, grouping="component")
+
+
+def test_gqa_kv_group_holds_its_query_heads_and_kv_head():
+    model = llama_gqa()  # 4 query heads, 2 key-value heads: kv head 1 serves query heads 2, 3
+    arch = build_architecture_map(model)
+    scores = {n: torch.ones(p.shape) for n, p in model.named_parameters()}
+    rows = rank_tensors(scores.items(), arch, k=10**6, mode="head")
+    group = [r for r in rows if r["group"] == "layer=0,kv_head=1"]
+    heads = {(r["component"], r["head"]) for r in group}
+    assert heads == {("attn_q", 2), ("attn_q", 3), ("attn_o", 2), ("attn_o", 3),
+                     ("attn_k", 1), ("attn_v", 1)}  # fmt: skip
+    head_dim = 16 // 4
+    assert len(group) == 2 * (2 * head_dim * 16) + 2 * (head_dim * 16)
+    expected_groups = {f"layer={la},kv_head={j}" for la in (0, 1) for j in (0, 1)}
+    assert {r["group"] for r in rows} == expected_groups

@@ -36,14 +36,10 @@ def get_method(method: str | PerturbationMethod) -> PerturbationMethod:
     if isinstance(method, PerturbationMethod):
         return method
     from cwa.perturbation import PERTURBATION_METHODS
+    from cwa.perturbation.methods import as_method
 
-    found = PERTURBATION_METHODS.get(method)
-    if not isinstance(found, PerturbationMethod):
-        raise InvalidInput(
-            f"perturbation {method!r} is a {type(found).__name__}, not a PerturbationMethod; "
-            "register a cwa.perturbation.methods.PerturbationMethod"
-        )
-    return found
+    name = PERTURBATION_METHODS.canonical(method)
+    return as_method(PERTURBATION_METHODS.get(name), name)
 
 
 @dataclass(eq=False)

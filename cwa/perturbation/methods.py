@@ -143,6 +143,10 @@ class PerturbationMethod:
     requires_scale: bool = False
     default_scale: float | None = None
     takes_bit: bool = False
+    # Draws random numbers: one sweep condition per --seeds seed for every selection.
+    stochastic: bool = False
+    # A negative scale means nothing new (noise level): refuse it instead of running it.
+    nonnegative_scale: bool = False
 
     def resolve_scale(self, scale: float | None) -> float | None:
         """The scale actually used; raises when one is given but ignored, or missing."""
@@ -226,6 +230,8 @@ GAUSSIAN_NOISE = PerturbationMethod(
     _gaussian_noise,
     takes_scale=True,
     default_scale=1.0,
+    stochastic=True,
+    nonnegative_scale=True,
 )
 BIT_FLIP = PerturbationMethod(
     "bit_flip",
@@ -233,5 +239,31 @@ BIT_FLIP = PerturbationMethod(
     _bit_flip,
     takes_bit=True,
 )
+
+def as_method(obj: object, name: str) -> PerturbationMethod:
+    """A PerturbationMethod as is, or a plugin function ``f(originals, ctx) -> new values``
+    wrapped; the function's attributes ``takes_scale``, ``requires_scale``, ``default_scale``,
+    ``takes_bit``, ``stochastic`` and ``nonnegative_scale`` become its flags."""
+    if isinstance(obj, PerturbationMethod):
+        return obj
+    if not callable(obj):
+        raise InvalidInput(
+            f"perturbation {name!r} is neither a PerturbationMethod nor a function "
+            "f(originals, ctx); see cwa.perturbation.methods"
+        )
+    doc = (obj.__doc__ or "").strip().splitlines()
+    default_scale = getattr(obj, "default_scale", None)
+    return PerturbationMethod(
+        name=str(getattr(obj, "name", name)),
+        description=doc[0] if doc else "",
+        compute=obj,  # type: ignore[arg-type]
+        takes_scale=bool(getattr(obj, "takes_scale", False)),
+        requires_scale=bool(getattr(obj, "requires_scale", False)),
+        default_scale=None if default_scale is None else float(default_scale),
+        takes_bit=bool(getattr(obj, "takes_bit", False)),
+        stochastic=bool(getattr(obj, "stochastic", False)),
+        nonnegative_scale=bool(getattr(obj, "nonnegative_scale", False)),
+    )
+
 
 BUILTIN_METHODS: tuple[PerturbationMethod, ...] = (ZERO, SIGN_FLIP, SCALE, GAUSSIAN_NOISE, BIT_FLIP)

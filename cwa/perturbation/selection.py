@@ -342,7 +342,12 @@ class _BottomMerge:
         self.n_zero += n_zero
         if self.zeros == "exclude":
             valid = ~is_zero if valid is None else valid & ~is_zero
-        self.n_candidates += entry.count - (n_zero if self.zeros == "exclude" else 0)
+            self.n_candidates += entry.count - n_zero
+        elif self.zeros == "only":  # the zero-score fill of bottom_k_by_group
+            valid = is_zero if valid is None else valid & is_zero
+            self.n_candidates += n_zero
+        else:
+            self.n_candidates += entry.count
         flat = _smallest_flat(flat_scores, valid, self.k)
         cand_scores = flat_scores[flat].to(device="cpu", dtype=torch.float64)
         cand_keys = (entry_id << _FLAT_BITS) | flat.cpu()
@@ -368,15 +373,21 @@ class _BottomMerge:
                 f"bottom_k needs k <= {self.n_candidates} candidate weights in scope{where} "
                 f"({self.n_zero} zero scores, zeros={self.zeros!r}), got k={self.k}; lower k{hint}"
             )
-        order = torch.sort(self.best_keys).indices
-        best_keys = self.best_keys[order]
+        return self.held()
+
+    def held(self, n: int | None = None) -> Selection:
+        """The (first ``n`` of the) entries held, without checking that there are k."""
+        keys = self.best_keys if n is None else self.best_keys[:n]
+        scores = self.best_scores if n is None else self.best_scores[:n]
+        order = torch.sort(keys).indices
+        best_keys = keys[order]
         entry_ids = best_keys >> _FLAT_BITS
         flats = best_keys & ((1 << _FLAT_BITS) - 1)
         info = {
             "zeros": self.zeros,
             "key": self.key,
             "n_zero_scores_in_scope": self.n_zero,
-            "max_selected_key": float(self.best_scores.max()) if self.k else None,
+            "max_selected_key": float(scores.max()) if scores.numel() else None,
             "ties": "scope order, then flat index",
             "scope_size": scope_size(self.entries),
         }
@@ -433,21 +444,45 @@ def bottom_k_by_group(
     """For every group label in ``counts``, its ``counts[label]`` least sensitive weights drawn
     from ``groups[label]``; the union. ``scores`` is read once (each tensor feeds every group
     holding part of it), so a head ranking does not re-read a layer's tensors per head.
+
+    With ``zeros="exclude"`` a group with fewer non-zero scores than its count takes all of
+    them and fills the rest with its zero-score weights in scope order (``info["zero_filled"]``
+    says how many, per group): the count must match the treatment's, and a group whose scores
+    are all zero has nothing else to offer.
     """
     key = _check_key(key, False)
     merges: dict[str, _BottomMerge] = {}
+    fills: dict[str, _BottomMerge] = {}
     by_name: dict[str, list[_BottomMerge]] = {}
     for label, k in counts.items():
         if label not in groups:
             raise InvalidInput(f"group {label!r} has no weights in scope to draw a control from")
-        merges[label] = _BottomMerge(check_scope(groups[label]), int(k), zeros, key)
+        entries = check_scope(groups[label])
+        merges[label] = _BottomMerge(entries, int(k), zeros, key)
+        fills[label] = _BottomMerge(entries, int(k), "only", key)
         for entry in groups[label]:
-            by_name.setdefault(entry.name, []).append(merges[label])
+            by_name.setdefault(entry.name, []).extend([merges[label], fills[label]])
     for name, score in scores:
         for merge in by_name.get(name, ()):
             merge.offer(name, score)
-    parts = [merges[label].result(label) for label in counts]
-    return _union(parts, "bottom_k", {"key": key, "zeros": zeros, "groups": dict(counts)})
+    parts = []
+    zero_filled: dict[str, int] = {}
+    for label, merge in merges.items():
+        if zeros == "include" or merge.n_candidates >= merge.k:
+            parts.append(merge.result(label))
+            continue
+        # Too few non-zero scores in this group (e.g. a bias whose scores are all zero, of
+        # which the treatment ranked some): take them all, then fill with zero-score weights
+        # in scope order so that the group still gets the treatment's count.
+        fill = fills[label]
+        need = merge.k - merge.n_candidates
+        if fill.n_candidates < need:
+            merge.result(label)  # raises: not enough weights at all
+        parts.append(merge.held())
+        parts.append(fill.held(need))
+        zero_filled[label] = need
+    info = {"key": key, "zeros": zeros, "groups": dict(counts), "zero_filled": zero_filled}
+    return _union(parts, "bottom_k", info)
 
 
 def random_k_by_group(

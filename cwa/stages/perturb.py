@@ -1,41 +1,41 @@
 """The ``perturb`` stage: perturb the ranked weights in place against matched controls.
 
-One perturb run holds one condition per (selection, method, scale, k, seed). For every condition
-the selected weights are changed in place (only their originals are saved), the model is
-evaluated, and the weights are restored and verified bit-exact by checksum before the next
-condition; a mismatch fails the run. Controls draw from exactly the scope the ranking covered
-(same tensors, components and layers, narrowed further by ``--components/--layers/--heads``):
+The stage keeps only the store I/O; the sweep itself (conditions, selections, in-place
+perturbation, exact restoration) is :mod:`cwa.perturbation.sweep`.
 
-* ``top_k``: the k best-ranked weights in scope (the treatment);
-* ``random_k``: k weights uniformly without replacement from the scope, seeded (may overlap the
-  treatment by chance, as an honest random draw does);
-* ``bottom_k``: the k in-scope weights with the smallest scores, exact-zero scores excluded;
-* ``all_k``: every weight in the scope (an upper bound on the damage; its k is the scope size).
+Validate (nothing registered yet): the method and every selection resolve in their registries
+(plugins included); the rank and score runs succeeded; the model is loaded and its architecture
+checks ``--layers``/``--components``/``--heads`` against the ranking's scope and ``--bit``
+against the weights' dtype; the task files are read; the ranking has weights in scope. Then the
+run is registered, the unperturbed baseline evaluated (or reused), the sweep run, and the
+results written in one transaction: ``evaluations`` (baseline with ``condition_id`` NULL),
+``perturbation_conditions`` and ``condition_groups`` (per condition and group of the rank mode,
+the number of weights perturbed: treatment and matched controls side by side, equal).
 
-The unperturbed baseline is evaluated once (or reused from a stored evaluation of the same
-model fingerprint and task config) and stored in the run with ``condition_id`` NULL, so the
-``perturbation_effects`` view can put every condition next to it.
+Selections (see :mod:`cwa.perturbation.contract`): the treatment (``top_k`` by default) and the
+controls ``random_k`` (per group, the treatment's count drawn uniformly from that group's
+elements, seeded), ``bottom_k`` (per group, the treatment's count of least sensitive weights by
+the rank run's key: ``|score|`` for signed metrics; exact-zero scores excluded), ``all_k``
+(every weight in scope: an upper bound, not matched), and any registered plugin.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 from cwa.errors import InvalidInput, UsageError
-from cwa.lifecycle import RunContext, RunOutcome, StageOutput, StageRequest, execute_stage
+from cwa.lifecycle import RunContext, RunOutcome, StageOutput, execute_stage
 from cwa.progress import NULL_REPORTER, Reporter
 from cwa.stages.common import check_positive, is_toy_ref, stored_evaluation
-from cwa.stages.evaluate import evaluate_plans
-from cwa.stages.rank import load_source_model
-from cwa.stages.score import SCORE_FILE
+from cwa.stages.setup import load_source_model, stage_request
 from cwa.store import Store
-from cwa.store.runs import RunRecord, fetch_run, resolve_run_id
+from cwa.store.runs import RunRecord
 
-SELECTION_ORDER = ("top_k", "random_k", "bottom_k", "all_k")
-_STOCHASTIC_METHODS = {"gaussian_noise"}
-_SCALED_METHODS = {"scale", "gaussian_noise"}
+# Re-exported for callers of the old module layout.
+from cwa.perturbation.sweep import Condition, summarize  # noqa: E402,F401  isort: skip
 
 
 @dataclass
@@ -46,7 +46,7 @@ class PerturbConfig:
     bit: int | None = None
     controls: list[str] = field(default_factory=lambda: ["random_k", "bottom_k"])
     seeds: list[int] = field(default_factory=lambda: [0])
-    k_values: list[int] | None = None  # default: every ranked row of the rank run
+    k_values: list[int] | None = None  # default: every ranked row in scope
     layers: list[int] | None = None
     components: list[str] | None = None
     heads: list[tuple[int, int]] | None = None
@@ -57,27 +57,7 @@ class PerturbConfig:
     device: str = "auto"
     experiment: str | None = None
     command: str | None = None
-
-
-@dataclass
-class Condition:
-    selection: str
-    method: str
-    scale: float | None
-    bit: int | None
-    k: int
-    seed: int | None
-
-    @property
-    def condition_id(self) -> str:
-        parts = [self.selection, self.method, f"k={self.k}"]
-        if self.scale is not None:
-            parts.append(f"s={self.scale:g}")
-        if self.bit is not None:
-            parts.append(f"bit={self.bit}")
-        if self.seed is not None:
-            parts.append(f"seed={self.seed}")
-        return "|".join(parts)
+    treatment: str = "top_k"
 
 
 def parse_heads(text: str | None) -> list[tuple[int, int]] | None:
@@ -93,113 +73,123 @@ def parse_heads(text: str | None) -> list[tuple[int, int]] | None:
     return heads
 
 
-def validate_config(config: PerturbConfig) -> None:
-    """Checks that need neither the store nor the model (run before anything is opened)."""
-    from cwa.perturbation import PERTURBATION_METHODS, SELECTIONS
+@dataclass
+class CheckedOptions:
+    method: Any  # PerturbationMethod
+    treatment: Any  # ParsedSelection
+    controls: list[Any]  # ParsedSelection
 
-    config.method = PERTURBATION_METHODS.canonical(config.method)
-    for control in config.controls:
-        SELECTIONS.canonical(control)
-        if control == "top_k":
+
+def validate_config(config: PerturbConfig) -> CheckedOptions:
+    """Checks that need neither the store nor the model (run before anything is opened)."""
+    from cwa.perturbation.apply import get_method
+    from cwa.perturbation.contract import parse_selection
+
+    method = get_method(config.method)
+    config.method = method.name
+    treatment = parse_selection(config.treatment)
+    if treatment.spec.role != "treatment":
+        raise InvalidInput(
+            f"{treatment.label!r} is a control, not a treatment; put it in --controls"
+        )
+    controls = []
+    for text in config.controls:
+        parsed = parse_selection(text)
+        if parsed.spec.role != "control":
             raise InvalidInput(
-                "top_k is the treatment and always runs; list only controls in "
-                "--controls (random_k, bottom_k, all_k)"
+                f"{parsed.label!r} is a treatment and always runs as --treatment; list only "
+                "controls in --controls (random_k, bottom_k, all_k or a plugin)"
             )
-    if config.method in _SCALED_METHODS:
-        if config.method == "scale" and not config.scales:
-            raise UsageError("--method scale needs --scale S (or --scales 0.5,1,2)")
-    elif config.scales:
-        raise UsageError(f"--method {config.method} takes no --scale")
-    if config.bit is not None and config.method != "bit_flip":
-        raise UsageError("--bit applies only to --method bit_flip")
+        if parsed.label in {c.label for c in controls}:
+            raise InvalidInput(f"control {parsed.label!r} is listed twice in --controls")
+        controls.append(parsed)
+    if method.requires_scale and not config.scales:
+        raise UsageError(f"--method {method.name} needs --scale S (or --scales 0.5,1,2)")
+    if config.scales and not method.takes_scale:
+        raise UsageError(f"--method {method.name} takes no --scale")
+    if config.bit is not None and not method.takes_bit:
+        raise UsageError(
+            f"--bit applies only to methods that flip a bit (bit_flip), not {method.name}"
+        )
     for k in config.k_values or []:
         check_positive("k-values", k)
     for scale in config.scales or []:
         if not math.isfinite(scale):
             raise InvalidInput(f"--scale {scale} is not a finite number")
-        if config.method == "gaussian_noise" and scale < 0:
-            raise InvalidInput("--scale for gaussian_noise is a noise level and must be >= 0")
-    if config.bit is not None and not 0 <= config.bit <= 31:
-        raise InvalidInput(f"--bit {config.bit} is out of range; use 0-31 (0-15 for 16-bit dtypes)")
+        if method.nonnegative_scale and scale < 0:
+            raise InvalidInput(f"--scale for {method.name} is a level and must be >= 0")
+    if config.bit is not None and config.bit < 0:
+        raise InvalidInput(f"--bit {config.bit} is negative; bits count from 0")
     if not config.seeds:
         raise InvalidInput("--seeds is empty; give at least one seed")
     check_positive("batch-size", config.batch_size)
     if config.limit is not None:
         check_positive("limit", config.limit)
+    return CheckedOptions(method, treatment, controls)
 
 
-def conditions_for(config: PerturbConfig, k_values: list[int]) -> list[Condition]:
-    """Every condition of the sweep, treatment first within each (k, scale)."""
-    scales: list[float | None] = list(config.scales) if config.scales else [None]
-    if config.method == "gaussian_noise" and not config.scales:
-        scales = [1.0]
-    selections = ["top_k", *[c for c in SELECTION_ORDER if c in config.controls and c != "top_k"]]
-    out: list[Condition] = []
-    for k in k_values:
-        for scale in scales:
-            for selection in selections:
-                seeded = selection == "random_k" or config.method in _STOCHASTIC_METHODS
-                for seed in config.seeds if seeded else [None]:
-                    if selection == "all_k" and k != k_values[0]:
-                        continue  # all_k does not depend on k: once per scale is enough
-                    out.append(Condition(selection, config.method, scale, config.bit, k, seed))
-    return out
+@dataclass
+class PerturbPlan:
+    """Everything validated before the run is registered."""
+
+    options: CheckedOptions
+    rank_run: RunRecord
+    score_run: RunRecord
+    loaded: Any
+    scope: list[Any]
+    scope_record: dict[str, Any]
+    groups: dict[str, list[Any]]
+    ranking: Any
+    k_values: list[int]
+    key: str
+    mode: str
+    head_grouping: str
+    plans: list[Any]
+    parents: list[tuple[str, str]]
+
+
+def _narrowed(*lists: list | None) -> list | None:
+    present = [set(x) for x in lists if x]
+    if not present:
+        return None
+    common = set.intersection(*present)
+    if not common:
+        raise InvalidInput(
+            "the requested layers/components do not overlap the ranking's scope; nothing "
+            "would be perturbed: pick layers/components the rank run covered"
+        )
+    return sorted(common)
 
 
 def _scope(arch: Any, score_run: RunRecord, rank_run: RunRecord, config: PerturbConfig) -> Any:
-    """The weights the ranking covered, narrowed by the targeted options."""
-    from cwa.perturbation.scope import scope_from_architecture
-
-    def narrowed(*lists: list | None) -> list | None:
-        present = [set(x) for x in lists if x]
-        if not present:
-            return None
-        common = set.intersection(*present)
-        if not common:
-            raise InvalidInput(
-                "the requested layers/components do not overlap the ranking's "
-                "scope; nothing would be perturbed"
-            )
-        return sorted(common)
-
+    """The weights the ranking covered, narrowed by the targeted options (checked on ``arch``)."""
     from cwa.models.architecture import resolve_components
+    from cwa.perturbation.scope import scope_from_architecture
 
     def comps(x: list[str] | None) -> list[str] | None:
         return None if not x else list(resolve_components(x))
 
-    layers = narrowed(score_run.config.get("layers"), rank_run.config.get("layers"), config.layers)
-    components = narrowed(
+    for layer in config.layers or []:
+        arch._check_layer(layer)  # a layer the model does not have: say so
+    layers = _narrowed(score_run.config.get("layers"), rank_run.config.get("layers"), config.layers)
+    components = _narrowed(
         comps(score_run.config.get("components")),
         comps(rank_run.config.get("components")),
         comps(config.components),
     )
     heads = config.heads
+    for layer, head in heads or []:
+        arch._check_layer(layer)
+        arch._check_head(head, max(arch.n_heads, arch.n_kv_heads))
     if heads is None and rank_run.config.get("mode") == "head":
         # A head ranking covers only attention-head elements: so must the controls.
         layer_ids = layers if layers is not None else range(arch.n_layers)
         heads = [(layer, h) for layer in layer_ids for h in range(arch.n_heads)]
         if components is None:
             components = ["attn_q", "attn_k", "attn_v", "attn_o"]
-    return (
-        scope_from_architecture(arch, layers=layers, components=components, heads=heads),
-        layers,
-        components,
-        heads,
-    )
-
-
-def _treatment_rows(store: Store, rank_id: str) -> Any:
-    import polars as pl
-
-    with store.read() as con:
-        frame = con.execute(
-            "SELECT group_key, rank, parameter, flat_index FROM ranked_weights "
-            "WHERE run_id = ? ORDER BY rank, rowid",
-            [rank_id],
-        ).fetchall()
-    return pl.DataFrame(
-        frame, schema=["group_key", "rank", "parameter", "flat_index"], orient="row"
-    )
+    scope = scope_from_architecture(arch, layers=layers, components=components, heads=heads)
+    record = {"layers": layers, "components": components, "heads": heads}
+    return scope, record
 
 
 def _in_scope(frame: Any, scope: list[Any]) -> Any:
@@ -214,11 +204,111 @@ def _in_scope(frame: Any, scope: list[Any]) -> Any:
         rows = np.flatnonzero(names == entry.name)
         if rows.size == 0:
             continue
-        if entry.mask is None:
-            keep[rows] = True
-        else:
-            keep[rows] = entry.mask.numpy()[flat[rows]]
+        keep[rows] = True if entry.mask is None else entry.mask.numpy()[flat[rows]]
     return frame.filter(pl.Series(keep))
+
+
+def ranking_key(rank_run: RunRecord, score_run: RunRecord) -> str:
+    """The key the rank run ranked by ("abs" or "value"); runs from before keys were recorded
+    ranked by value."""
+    return str(rank_run.config.get("by") or "value")
+
+
+def prepare_perturb(
+    store: Store, config: PerturbConfig, *, reporter: Reporter, loaded: Any = None
+) -> PerturbPlan:
+    """Validate every option against the store, the model and the task files; register nothing."""
+    from cwa.evaluation.tasks import plan_tasks
+    from cwa.perturbation.contract import SelectionCheck
+    from cwa.perturbation.groups import group_scopes
+    from cwa.scorefile import read_score_header
+    from cwa.stages.score import SCORE_FILE
+    from cwa.store.results import count_ranked, parent_run, ranked_rows, succeeded_run
+
+    options = validate_config(config)
+    rank_run = succeeded_run(store, config.rank_run, "rank")
+    score_run = parent_run(store, rank_run, "scores")
+    rank_id = rank_run.run_id
+    if rank_run.config.get("bottom"):
+        raise InvalidInput(
+            f"rank run {rank_id} ranks the bottom weights; perturb a top-k ranking (the "
+            "bottom_k control is built in)"
+        )
+    mode = rank_run.config.get("mode", "global")
+    if mode != "global" and config.k_values:
+        raise InvalidInput(
+            f"rank run {rank_id} is a per-{mode} ranking; its treatment is every ranked weight "
+            f"({count_ranked(store, rank_id)}). Progressive --k-values sweeps need a global "
+            "ranking (cwa rank --mode global)"
+        )
+    plans = plan_tasks(
+        config.tasks,
+        limit=config.limit,
+        seed=config.eval_seed,
+        is_toy_model=is_toy_ref(score_run.model_ref),
+    )
+    names = [plan.task for plan in plans]
+    if len(set(names)) != len(names):
+        raise InvalidInput("a task appears twice in --eval; evaluate one source per task")
+    from cwa.stages.tasks_check import check_task_files
+
+    check_task_files(plans)
+    parents = [(rank_id, "ranking")]
+    for parsed in [options.treatment, *options.controls]:
+        if parsed.spec.check is not None:
+            check = SelectionCheck(parsed.name, parsed.param, store, rank_run, score_run, config)
+            parents += [p for p in parsed.spec.check(check) or [] if p not in parents]
+    if score_run.model_fingerprint:  # stored baselines this run will reuse are its inputs too
+        for plan in plans:
+            stored = stored_evaluation(store, score_run.model_fingerprint, plan.config_hash)
+            if stored is not None and (stored[0], "baseline") not in parents:
+                parents.append((stored[0], "baseline"))
+
+    loaded = load_source_model(
+        store, score_run, device=config.device, reporter=reporter, loaded=loaded
+    )
+    arch = loaded.arch
+    scope, scope_record = _scope(arch, score_run, rank_run, config)
+    # Only tensors the score run scored were ranked (wanda and super_weight score a subset).
+    scored, _ = read_score_header(store.artifacts_dir(score_run.run_id) / SCORE_FILE)
+    scope = [entry for entry in scope if entry.name in scored]
+    if not scope:
+        raise InvalidInput(
+            "no scored tensor lies in the requested scope; widen --layers/--components/--heads"
+        )
+    params = dict(loaded.model.named_parameters())
+    for dtype in sorted({params[e.name].dtype for e in scope}, key=str):
+        options.method.resolve_bit(config.bit, dtype)  # --bit outside the dtype: refused here
+    ranking = _in_scope(ranked_rows(store, rank_id), scope)
+    if ranking.height == 0:
+        raise InvalidInput(
+            f"no weight ranked by rank run {rank_id} lies in the requested scope (layers "
+            f"{scope_record['layers']}, components {scope_record['components']}, heads "
+            f"{scope_record['heads']}); pick layers/heads the ranking covers or re-rank within them"
+        )
+    k_values = sorted(set(config.k_values or [ranking.height]))
+    if k_values[-1] > ranking.height:
+        raise InvalidInput(
+            f"rank run {rank_id} holds {ranking.height} ranked weights in this scope but k="
+            f"{k_values[-1]} was asked; lower k or re-rank with --topk {k_values[-1]}"
+        )
+    head_grouping = rank_run.config.get("head_grouping", "kv")
+    return PerturbPlan(
+        options=options,
+        rank_run=rank_run,
+        score_run=score_run,
+        loaded=loaded,
+        scope=scope,
+        scope_record=scope_record,
+        groups=group_scopes(arch, scope, mode, head_grouping),
+        ranking=ranking,
+        k_values=k_values,
+        key=ranking_key(rank_run, score_run),
+        mode=mode,
+        head_grouping=head_grouping,
+        plans=plans,
+        parents=parents,
+    )
 
 
 def run_perturb(
@@ -230,207 +320,118 @@ def run_perturb(
     loaded: Any = None,
 ) -> RunOutcome:
     reporter = reporter or NULL_REPORTER
-    validate_config(config)
-    with store.read() as con:
-        rank_id = resolve_run_id(con, config.rank_run, stage="rank", store_label=store.label)
-        rank_run = fetch_run(con, rank_id)
-        score_id = next((p for p, role in rank_run.parents if role == "scores"), None)
-        if score_id is None:
-            raise InvalidInput(f"rank run {rank_id} records no score run")
-        score_run = fetch_run(con, score_id)
-    if rank_run.status != "succeeded":
-        raise InvalidInput(f"rank run {rank_id} is {rank_run.status}; perturb a succeeded run")
-    mode = rank_run.config.get("mode", "global")
-    with store.read() as con:
-        (n_ranked,) = con.execute(
-            "SELECT count(*) FROM ranked_weights WHERE run_id = ?", [rank_id]
-        ).fetchone()
-    if mode != "global" and config.k_values:
-        raise InvalidInput(
-            f"rank run {rank_id} is a per-{mode} ranking; its treatment is every ranked weight "
-            f"({n_ranked}). Progressive --k-values sweeps need a global ranking (cwa rank --mode "
-            "global)"
-        )
-    # Global: the top k; per-group modes: the union of every group's top k.
-    k_values = sorted(set(config.k_values or [int(n_ranked)]))
-    if k_values[-1] > n_ranked:
-        raise InvalidInput(
-            f"rank run {rank_id} holds the top {n_ranked} weights but k="
-            f"{k_values[-1]} was asked; re-rank with --topk {k_values[-1]}"
-        )
-    if rank_run.config.get("bottom"):
-        raise InvalidInput(
-            f"rank run {rank_id} ranks the bottom weights; perturb a top-k "
-            "ranking (the bottom_k control is built in)"
-        )
-    from cwa.evaluation.tasks import plan_tasks
-
-    plans = plan_tasks(
-        config.tasks,
-        limit=config.limit,
-        seed=config.eval_seed,
-        is_toy_model=is_toy_ref(score_run.model_ref),
+    plan = prepare_perturb(store, config, reporter=reporter, loaded=loaded)
+    request = stage_request(
+        "perturb",
+        config,
+        parents=plan.parents,
+        experiment=config.experiment,
+        source=plan.rank_run,
+        seed=plan.score_run.seed,
+        rank_run=plan.rank_run.run_id,
+        score_run=plan.score_run.run_id,
+        k_values=plan.k_values,
+        key=plan.key,
+        mode=plan.mode,
+        head_grouping=plan.head_grouping,
+        scope=plan.scope_record,
     )
-    names = [plan.task for plan in plans]
-    if len(set(names)) != len(names):
-        raise InvalidInput(
-            "a task appears twice in --eval; evaluate one source per task in a perturb run"
-        )
-    parents = [(rank_id, "ranking")]
-    if score_run.model_fingerprint:  # stored baselines this run will reuse are its inputs too
-        for plan in plans:
-            stored = stored_evaluation(store, score_run.model_fingerprint, plan.config_hash)
-            if stored is not None and (stored[0], "baseline") not in parents:
-                parents.append((stored[0], "baseline"))
-    run_config = asdict(config)
-    run_config.update(rank_run=rank_id, score_run=score_id, k_values=k_values)
-    run_config.pop("command")
-    request = StageRequest(
-        stage="perturb",
-        config=run_config,
-        experiment=config.experiment or rank_run.experiment,
-        parents=parents,
-        model_ref=rank_run.model_ref,
-        seed=score_run.seed,
-        command=config.command,
+    return execute_stage(
+        store,
+        request,
+        lambda ctx: _compute(ctx, store, config, plan),
+        reporter=reporter,
+        mlflow=mlflow,
     )
 
-    def compute(ctx: RunContext) -> StageOutput:
-        return _sweep(ctx, store, config, rank_id, rank_run, score_run, k_values, plans, loaded)
 
-    return execute_stage(store, request, compute, reporter=reporter, mlflow=mlflow)
+def _score_reader(path: Any) -> Any:
+    def read(entries: Sequence[Any]) -> Iterator[tuple[str, Any]]:
+        from cwa.scorefile import open_scores
+
+        with open_scores(path) as reader:
+            for entry in entries:
+                yield entry.name, reader.get(entry.name)
+
+    return read
 
 
-def _sweep(
-    ctx: RunContext,
-    store: Store,
-    config: PerturbConfig,
-    rank_id: str,
-    rank_run: RunRecord,
-    score_run: RunRecord,
-    k_values: list[int],
-    plans: list[Any],
-    preloaded: Any = None,
+def _compute(
+    ctx: RunContext, store: Store, config: PerturbConfig, plan: PerturbPlan
 ) -> StageOutput:
     from cwa.evaluation.runner import evaluate_model
-    from cwa.perturbation.apply import perturbed
-    from cwa.perturbation.checksum import named_checksums
-    from cwa.perturbation.selection import all_k, bottom_k, random_k, top_k
-    from cwa.scorefile import open_scores
+    from cwa.perturbation.sweep import SweepInputs, plan_conditions, run_sweep
+    from cwa.stages.evaluate import evaluate_plans
+    from cwa.stages.score import SCORE_FILE
 
     reporter = ctx.reporter
-    loaded = load_source_model(
-        store, score_run, device=config.device, reporter=reporter, loaded=preloaded
-    )
-    ctx.set_model(score_run.model_ref, loaded.fingerprint, loaded.device)
-    model = loaded.model
-    scope, layers, components, heads = _scope(loaded.arch, score_run, rank_run, config)
-    # Only tensors the score run scored were ranked (wanda and super_weight score a subset).
-    from cwa.scorefile import read_score_header
-
-    scored, _ = read_score_header(store.artifacts_dir(score_run.run_id) / SCORE_FILE)
-    scope = [entry for entry in scope if entry.name in scored]
-    if not scope:
-        raise InvalidInput(
-            "no scored tensor lies in the requested scope; widen --layers/--components/--heads"
-        )
-    scope_record = {
-        "layers": layers,
-        "components": components,
-        "heads": heads,
-        "n_weights": int(sum(entry.count for entry in scope)),
-    }
+    loaded = plan.loaded
+    ctx.set_model(plan.score_run.model_ref, loaded.fingerprint, loaded.device)
+    scope_record = {**plan.scope_record, "n_weights": int(sum(e.count for e in plan.scope))}
     ctx.record_config(scope=scope_record)
-    ranking = _in_scope(_treatment_rows(store, rank_id), scope)
-    if ranking.height == 0:
-        raise InvalidInput(
-            "no ranked weight lies in the requested scope; widen "
-            "--layers/--components/--heads or re-rank within them"
-        )
-
-    def evaluate() -> list[dict[str, Any]]:
-        return evaluate_model(
-            model, loaded.tokenizer, plans, batch_size=config.batch_size, reporter=reporter
-        )
-
     # Baseline: reused from a stored evaluation of this exact model and task config when there
     # is one (recorded as a 'baseline' parent), evaluated here otherwise.
     rows = evaluate_plans(
-        loaded, plans, store=store, batch_size=config.batch_size, force=False, reporter=reporter
+        loaded,
+        plan.plans,
+        store=store,
+        batch_size=config.batch_size,
+        force=False,
+        reporter=reporter,
     )
 
-    touched = [e.name for e in scope]
-    params = dict(model.named_parameters())
-    baseline_checksums = named_checksums({n: params[n] for n in touched})
-    conditions = conditions_for(config, k_values)
-    condition_rows: list[dict[str, Any]] = []
-    task = reporter.task("perturbation conditions", len(conditions))
-    try:
-        for cond in conditions:
-            if cond.selection == "top_k":
-                if ranking.height < cond.k:
-                    raise InvalidInput(
-                        f"only {ranking.height} ranked weights lie in scope, fewer than k={cond.k}"
-                    )
-                head = ranking.head(cond.k)
-                selection = top_k(head["parameter"].to_list(), head["flat_index"].to_list())
-            elif cond.selection == "random_k":
-                selection = random_k(scope, cond.k, cond.seed or 0)
-            elif cond.selection == "bottom_k":
-                score_path = store.artifacts_dir(score_run.run_id) / SCORE_FILE
-                with open_scores(score_path) as reader:
-                    selection = bottom_k(
-                        ((e.name, reader.get(e.name)) for e in scope), scope, cond.k
-                    )
-            else:
-                selection = all_k(scope)
-            with perturbed(
-                model,
-                selection,
-                cond.method,
-                scale=cond.scale,
-                bit=cond.bit,
-                seed=cond.seed or 0,
-                baseline_checksums={n: baseline_checksums[n] for n in selection},
-                reporter=reporter,
-            ) as handle:
-                results = evaluate()
-            record = handle.record()
-            condition_rows.append(
-                {
-                    "condition_id": cond.condition_id,
-                    "selection": cond.selection,
-                    "method": cond.method,
-                    "scale": cond.scale,
-                    "bit": record["bit"],
-                    "k": int(selection.k),
-                    "seed": cond.seed,
-                    "n_changed": record["n_changed"],
-                    "scope": scope_record,
-                    "checksum_before": record["checksum_before"],
-                    "checksum_after": record["checksum_after"],
-                    "restored": record["restored"],
-                }
-            )
-            rows += [{**r, "reused_from": None, "condition_id": cond.condition_id} for r in results]
-            task.advance()
-    finally:
-        task.close()
-    after = named_checksums({n: params[n] for n in touched})
-    if after != baseline_checksums:  # belt and braces: the whole scope is as it was
-        from cwa.errors import RestoreError
+    def evaluate() -> list[dict[str, Any]]:
+        return evaluate_model(
+            loaded.model,
+            loaded.tokenizer,
+            plan.plans,
+            batch_size=config.batch_size,
+            reporter=reporter,
+        )
 
-        raise RestoreError("the model differs from its baseline after the sweep; discard it")
+    options = plan.options
+    inputs = SweepInputs(
+        model=loaded.model,
+        arch=loaded.arch,
+        scope=plan.scope,
+        groups=plan.groups,
+        mode=plan.mode,
+        head_grouping=plan.head_grouping,
+        key=plan.key,
+        ranking=plan.ranking,
+        scores=_score_reader(store.artifacts_dir(plan.score_run.run_id) / SCORE_FILE),
+        selections={p.label: p for p in [options.treatment, *options.controls]},
+        method=options.method,
+        store=store,
+        rank_run=plan.rank_run,
+        score_run=plan.score_run,
+        scope_record=plan.scope_record,
+    )
+    conditions = plan_conditions(
+        options.treatment,
+        options.controls,
+        options.method,
+        scales=config.scales,
+        bit=config.bit,
+        k_values=plan.k_values,
+        seeds=config.seeds,
+    )
+    result = run_sweep(inputs, conditions, evaluate, reporter=reporter)
+    rows += result.evaluations
     for row in rows:
         row["model_fingerprint"] = loaded.fingerprint
-    summary = summarize(rows, condition_rows)
-    metrics = {"n_conditions": float(len(condition_rows))}
+    summary = summarize(rows, result.conditions)
+    metrics = {"n_conditions": float(len(result.conditions))}
     for (selection, task_name, metric), stats in summary.items():
         metrics[f"{selection}.{task_name}.{metric}.mean"] = stats["mean"]
     return StageOutput(
-        tables={"evaluations": rows, "perturbation_conditions": _conditions_frame(condition_rows)},
+        tables={
+            "evaluations": rows,
+            "perturbation_conditions": _conditions_frame(result.conditions),
+            "condition_groups": _groups_frame(result.groups),
+        },
         metrics=metrics,
-        value={"summary": summary, "conditions": condition_rows, "rows": rows},
+        value={"summary": summary, "conditions": result.conditions, "rows": rows},
     )
 
 
@@ -444,6 +445,7 @@ def _conditions_frame(rows: list[dict[str, Any]]) -> Any:
         schema={
             "condition_id": pl.String,
             "selection": pl.String,
+            "role": pl.String,
             "method": pl.String,
             "scale": pl.Float64,
             "bit": pl.Int64,
@@ -458,46 +460,9 @@ def _conditions_frame(rows: list[dict[str, Any]]) -> Any:
     )
 
 
-def summarize(
-    rows: list[dict[str, Any]], conditions: list[dict[str, Any]]
-) -> dict[tuple[str, str, str], dict[str, float]]:
-    """Per (selection, task, metric): mean, std over seeds, min, max, baseline, mean ratio."""
-    import statistics
+def _groups_frame(rows: list[dict[str, Any]]) -> Any:
+    import polars as pl
 
-    by_condition = {c["condition_id"]: c for c in conditions}
-    baseline = {(r["task"], r["metric"]): r["value"] for r in rows if r["condition_id"] is None}
-    grouped: dict[tuple[str, str, str], list[float]] = {}
-    for r in rows:
-        cond = by_condition.get(r["condition_id"])
-        if cond is None:
-            continue
-        key = (
-            cond["selection"]
-            + (
-                f".k{cond['k']}"
-                if len({c["k"] for c in conditions}) > 1 and cond["selection"] != "all_k"
-                else ""
-            )
-            + (
-                f".s{cond['scale']:g}"
-                if cond["scale"] is not None and len({c["scale"] for c in conditions}) > 1
-                else ""
-            ),
-            r["task"],
-            r["metric"],
-        )
-        grouped.setdefault(key, []).append(float(r["value"]))
-    out = {}
-    for key, values in grouped.items():
-        base = baseline.get((key[1], key[2]))
-        mean = statistics.fmean(values)
-        out[key] = {
-            "mean": mean,
-            "std": statistics.stdev(values) if len(values) > 1 else 0.0,
-            "min": min(values),
-            "max": max(values),
-            "n": float(len(values)),
-            "baseline": float("nan") if base is None else float(base),
-            "ratio": float("nan") if not base else mean / base,
-        }
-    return out
+    return pl.DataFrame(
+        rows, schema={"condition_id": pl.String, "group_key": pl.String, "k": pl.Int64}
+    )

@@ -1,29 +1,36 @@
 """The ``rank`` stage: the top-k (or bottom-k) weights of a score run, per ranking mode.
 
 Rows go to ``ranked_weights`` (one group ``all`` for global mode, one group per layer, tensor,
-head or component otherwise). The model the scores were computed on is reloaded to read the
-architecture map and the weight values, and its fingerprint must match the score run's.
+head or component otherwise; see :mod:`cwa.perturbation.groups`). The ranking key is recorded on
+the run (``config.by``): ``abs`` ranks by ``|score|`` and is the default for metrics whose
+scores can be negative (``hutchinson_diag``, ``obd``), ``value`` the raw score (the default
+otherwise). The model the scores were computed on is loaded **before** the run is registered
+(to check the options against its architecture) and its fingerprint must match the score run's.
+A ``--topk`` beyond the largest group in scope is refused; ``--topk all`` ranks every weight
+in scope and warns how many rows that writes.
 """
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from cwa.errors import InvalidInput
-from cwa.lifecycle import RunContext, RunOutcome, StageOutput, StageRequest, execute_stage
+from cwa.lifecycle import RunContext, RunOutcome, StageOutput, execute_stage
 from cwa.progress import NULL_REPORTER, Reporter
 from cwa.stages.common import check_positive
 from cwa.stages.score import SCORE_FILE
+from cwa.stages.setup import load_source_model, stage_request
 from cwa.store import Store
-from cwa.store.runs import RunRecord, fetch_run, resolve_run_id
+
+__all__ = ["RankConfig", "export_rows", "load_source_model", "run_rank"]
 
 
 @dataclass
 class RankConfig:
     score_run: str = "latest:score"
-    topk: int = 100
+    topk: int | str = 100  # an integer, or "all" (every weight in scope, with a warning)
     mode: str = "global"
     bottom: bool = False
     layers: list[int] | None = None
@@ -32,37 +39,8 @@ class RankConfig:
     device: str = "cpu"
     experiment: str | None = None  # default: the score run's experiment
     command: str | None = None
-
-
-def load_source_model(
-    store: Store, run: RunRecord, *, device: str, reporter: Reporter, loaded: Any = None
-) -> Any:
-    """Reload the model a run used (or take ``loaded``) and check it has the same weights."""
-    from cwa.models.loading import load_model
-
-    if loaded is not None:
-        if run.model_fingerprint and loaded.fingerprint != run.model_fingerprint:
-            raise InvalidInput(
-                f"the model given is not the one run {run.run_id} used (fingerprint "
-                f"{loaded.fingerprint[:12]} vs {run.model_fingerprint[:12]})"
-            )
-        return loaded
-
-    model_cfg = run.config.get("model", {})
-    loaded = load_model(
-        run.model_ref or model_cfg.get("ref"),
-        dtype=model_cfg.get("dtype", "auto"),
-        device=device,
-        trust_remote_code=bool(model_cfg.get("trust_remote_code", False)),
-        reporter=reporter,
-    )
-    if run.model_fingerprint and loaded.fingerprint != run.model_fingerprint:
-        raise InvalidInput(
-            f"model {run.model_ref!r} has changed since run {run.run_id} used it (fingerprint "
-            f"{loaded.fingerprint[:12]} now, {run.model_fingerprint[:12]} then); re-run the "
-            "score stage on the current weights"
-        )
-    return loaded
+    by: str | None = None  # "abs" | "value"; None: abs for signed metrics, value otherwise
+    head_grouping: str = "kv"  # head mode: "kv" (key-value groups) or "component"
 
 
 def export_rows(frame: Any, path: str) -> None:
@@ -75,22 +53,23 @@ def export_rows(frame: Any, path: str) -> None:
         raise InvalidInput(f"--export {path!r}: use a .csv or .parquet file name")
 
 
-def run_rank(
-    store: Store,
-    config: RankConfig,
-    *,
-    reporter: Reporter | None = None,
-    mlflow: bool | None = None,
-    loaded: Any = None,
-) -> RunOutcome:
-    from cwa.ranking import RANK_MODES
+def _check_options(config: RankConfig) -> None:
+    from cwa.perturbation.groups import check_head_grouping
+    from cwa.ranking import RANK_KEYS, RANK_MODES
 
-    reporter = reporter or NULL_REPORTER
-    check_positive("topk", config.topk)
+    if config.topk != "all":
+        if isinstance(config.topk, str) and config.topk.strip().isdigit():
+            config.topk = int(config.topk)
+        if not isinstance(config.topk, int):
+            raise InvalidInput(f"--topk {config.topk!r}: give a whole number or 'all'")
+        check_positive("topk", config.topk)
     if config.mode not in RANK_MODES:
         raise InvalidInput(
             f"unknown ranking mode {config.mode!r}; use one of {', '.join(RANK_MODES)}"
         )
+    if config.by is not None and config.by not in RANK_KEYS:
+        raise InvalidInput(f"--by {config.by!r}: use one of {', '.join(RANK_KEYS)}")
+    check_head_grouping(config.head_grouping)
     if config.export:
         suffix = Path(config.export).suffix.lower()
         if suffix not in (".csv", ".parquet"):
@@ -103,52 +82,107 @@ def run_rank(
         from cwa.models.architecture import resolve_components
 
         resolve_components(config.components)  # unknown names fail before a run is registered
-    with store.read() as con:
-        score_id = resolve_run_id(con, config.score_run, stage="score", store_label=store.label)
-        score_run = fetch_run(con, score_id)
-    if score_run.status != "succeeded":
-        raise InvalidInput(f"score run {score_id} is {score_run.status}; rank a succeeded run")
+
+
+def _largest_group(arch: Any, header: dict[str, Any], config: RankConfig) -> int:
+    """Weights in the largest group of the mode, within the scored tensors and the scope."""
+    from cwa.models.architecture import resolve_components
+    from cwa.perturbation.groups import group_scopes
+    from cwa.perturbation.scope import ScopeEntry
+
+    layers = config.layers
+    comps = resolve_components(config.components)
+    scope = []
+    for name in arch.select(layers=layers, components=comps):
+        if name in header:
+            mask = arch.scope_mask(name, layers=layers, components=comps)
+            numel = arch.params[name].numel
+            entry = ScopeEntry(name, numel, None if mask is None else mask.reshape(-1))
+            if entry.count:
+                scope.append(entry)
+    groups = group_scopes(arch, scope, config.mode, config.head_grouping)
+    return max((sum(e.count for e in entries) for entries in groups.values()), default=0)
+
+
+def run_rank(
+    store: Store,
+    config: RankConfig,
+    *,
+    reporter: Reporter | None = None,
+    mlflow: bool | None = None,
+    loaded: Any = None,
+) -> RunOutcome:
+    from cwa.scorefile import read_score_header
+    from cwa.store.results import succeeded_run
+
+    reporter = reporter or NULL_REPORTER
+    _check_options(config)
+    score_run = succeeded_run(store, config.score_run, "score")
+    score_id = score_run.run_id
     score_path = store.artifacts_dir(score_id) / SCORE_FILE
     if not score_path.is_file():
         raise InvalidInput(
             f"score run {score_id} has no {SCORE_FILE} in {score_path.parent}; "
             "its artifacts were removed: re-run the score stage"
         )
-    run_config = asdict(config)
-    run_config["score_run"] = score_id
-    run_config.pop("command")
-    request = StageRequest(
-        stage="rank",
-        config=run_config,
-        experiment=config.experiment or score_run.experiment,
+    by = config.by or ("abs" if score_run.config.get("signed") else "value")
+    loaded_model = load_source_model(
+        store, score_run, device=config.device, reporter=reporter, loaded=loaded
+    )
+    if config.layers:
+        for layer in config.layers:
+            loaded_model.arch._check_layer(layer)
+    header, _ = read_score_header(score_path)
+    largest = _largest_group(loaded_model.arch, header, config)
+    if largest == 0:
+        raise InvalidInput(
+            "no scored weight lies in the requested layers/components; widen them or score them"
+        )
+    topk = config.topk
+    if topk == "all":
+        topk = largest
+        reporter.warn(
+            f"--topk all ranks every weight in scope: up to {largest} per group, "
+            "all of them written to ranked_weights"
+        )
+    elif topk > largest:
+        raise InvalidInput(
+            f"--topk {topk} is more than the {largest} weights of the largest {config.mode} group "
+            "in scope; lower it, or pass --topk all to rank every weight (large tables)"
+        )
+    request = stage_request(
+        "rank",
+        config,
         parents=[(score_id, "scores")],
-        model_ref=score_run.model_ref,
-        seed=score_run.seed,
-        command=config.command,
+        experiment=config.experiment,
+        source=score_run,
+        score_run=score_id,
+        topk=topk,
+        topk_requested=config.topk,
+        by=by,
     )
 
     def compute(ctx: RunContext) -> StageOutput:
         from cwa.ranking import rank_scores, ranking_frame
 
-        loaded_model = load_source_model(
-            store, score_run, device=config.device, reporter=ctx.reporter, loaded=loaded
-        )
         ctx.set_model(score_run.model_ref, loaded_model.fingerprint, loaded_model.device)
         rows = rank_scores(
             score_path,
             loaded_model.arch,
-            k=config.topk,
+            k=int(topk),
             mode=config.mode,
             bottom=config.bottom,
             layers=config.layers,
             components=config.components,
             weights=dict(loaded_model.model.named_parameters()),
+            by=by,
+            head_grouping=config.head_grouping,
         )
         frame = ranking_frame(rows).rename(
             {"row": "row_index", "column": "column_index", "group": "group_key"}
         )
         if config.export:
-            export_rows(frame.drop([]), config.export)
+            export_rows(frame, config.export)
         scores = frame["score"]
         metrics = {
             "n_ranked": float(frame.height),
