@@ -243,3 +243,63 @@ def test_save_figure_writes_vector_and_200dpi_png(tmp_path: Path) -> None:
         dpi = image.info.get("dpi", (0, 0))[0]
         assert round(dpi) >= 200
         assert image.width >= 3.0 * 200  # a column-wide figure at 200 dpi
+
+
+def test_stability_curves_lines_and_intervals_per_statistic() -> None:
+    from cwa.reporting import figures_analysis as fa
+
+    table = pl.DataFrame(
+        {
+            "statistic": ["jaccard"] * 3 + ["rbo"] * 3,
+            "k": [1000, 10, 100] * 2,
+            "n_pairs": [3] * 6,
+            "mean": [0.8, 0.5, 0.7, 0.9, 0.6, 0.85],
+            "ci_low": [0.75, 0.4, 0.6, 0.88, 0.5, 0.8],
+            "ci_high": [0.85, 0.6, 0.8, 0.92, 0.7, 0.9],
+        }
+    )
+    ax = fa.stability_curves(table).axes[0]
+    lines = {li.get_gid(): li for li in ax.get_lines()}
+    np.testing.assert_allclose(lines["line:jaccard"].get_xdata(), [10, 100, 1000])
+    np.testing.assert_allclose(lines["line:jaccard"].get_ydata(), [0.5, 0.7, 0.8])
+    np.testing.assert_allclose(lines["line:rbo"].get_ydata(), [0.6, 0.85, 0.9])
+    band = next(c for c in ax.collections if c.get_gid() == "band:jaccard")
+    vertices = band.get_paths()[0].vertices
+    at_100 = vertices[np.isclose(vertices[:, 0], 100), 1]
+    assert np.isclose(at_100.min(), 0.6) and np.isclose(at_100.max(), 0.8)
+    assert ax.get_xscale() == "log"
+    assert ax.get_legend().get_title().get_text() == "mean over 3 pair(s) of runs"
+
+
+def test_correlation_heatmap_mirrors_a_triangle_and_annotates() -> None:
+    from cwa.reporting import figures_analysis as fa
+
+    table = pl.DataFrame(
+        {
+            "row_key": ["layer=0", "layer=0", "layer=1", "layer=0", "layer=1", "layer=2"],
+            "col_key": ["layer=1", "layer=2", "layer=2", "layer=0", "layer=1", "layer=2"],
+            "value": [0.5, -0.2, 0.9, 1.0, 1.0, 1.0],
+        }
+    )
+    ax = fa.layer_correlation(table).axes[0]
+    image = np.asarray(ax.get_images()[0].get_array())
+    expected = np.array([[1.0, 0.5, -0.2], [0.5, 1.0, 0.9], [-0.2, 0.9, 1.0]])
+    np.testing.assert_allclose(image, expected)
+    assert ax.get_images()[0].get_clim() == (-1, 1)
+    assert sorted(t.get_text() for t in ax.texts) == sorted(f"{v:.2f}" for v in expected.ravel())
+
+
+def test_clusters_marker_area_grows_with_size() -> None:
+    from cwa.reporting import figures_analysis as fa
+
+    table = pl.DataFrame(
+        {"cluster": [0, 1, 2], "x": [0.0, 1.0, -1.0], "y": [0.5, -0.5, 2.0],
+         "size": [100, 400, 50], "label": ["c0", "c1", "c2"]}
+    )
+    ax = fa.clusters(table).axes[0]
+    points = next(c for c in ax.collections if c.get_gid() == "clusters")
+    np.testing.assert_allclose(points.get_offsets(), [[0.0, 0.5], [1.0, -0.5], [-1.0, 2.0]])
+    areas = points.get_sizes()
+    assert areas[1] > areas[0] > areas[2]
+    np.testing.assert_allclose(areas, 30.0 + 600.0 * np.array([100, 400, 50]) / 400)
+    assert [t.get_text() for t in ax.texts] == ["c0 (100)", "c1 (400)", "c2 (50)"]
