@@ -25,7 +25,33 @@ if TYPE_CHECKING:
 ANALYZERS: Registry[Any] = Registry("analyzer")
 
 # name, lazy target, one-line description (the spec repeats it; a test checks they agree)
-BUILTIN_ANALYZERS: tuple[tuple[str, str, str], ...] = ()
+BUILTIN_ANALYZERS: tuple[tuple[str, str, str], ...] = (
+    (
+        "profile",
+        "cwa.analysis.profile:ANALYZER",
+        "score distribution per tensor/layer/component/head, concentration, depth pattern",
+    ),
+    (
+        "stability",
+        "cwa.analysis.stability:ANALYZER",
+        "top-k agreement of score runs (overlap, Jaccard, RBO, Spearman, Kendall) with CI",
+    ),
+    (
+        "clusters",
+        "cwa.analysis.clusters:ANALYZER",
+        "k-means / MiniBatchKMeans / DBSCAN clusters of weights by sensitivity pattern",
+    ),
+    (
+        "super_weights",
+        "cwa.analysis.super_weights:ANALYZER",
+        "super-weight activation profile and candidates; --verify ablates each candidate",
+    ),
+    (
+        "effects",
+        "cwa.analysis.effects:ANALYZER",
+        "effect size of treatment vs matched controls, k/scale curves, flipped items",
+    ),
+)
 
 
 for _name, _target, _description in BUILTIN_ANALYZERS:

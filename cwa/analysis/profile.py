@@ -1,0 +1,420 @@
+"""``profile``: how the sensitivity of one score run is distributed over the architecture.
+
+One streaming pass over the score file (tensor by tensor). Every group of weights gets a
+mergeable log histogram of |score| (:mod:`cwa.analysis.histogram`: exact masses; quantiles,
+Gini and top-1% share within one bin width, 0.78%), so memory is O(largest tensor) plus a few
+KiB per group, never all scores. Levels (``analysis_profile.level``):
+
+- ``model`` (one row), ``tensor`` (per parameter), ``layer`` (per layer of the stack),
+  ``component`` (embed, attn_q, ..., mlp_down, ...: fused tensors such as GPT-2 ``c_attn`` are
+  split into their q/k/v blocks by the architecture map), ``layer_component``;
+- ``head``: per (layer, component, head) in the component's own numbering (q/o: query head,
+  k/v: key/value head), with ``kv_group`` = the kv head a query head reads;
+- ``kv_group``: per (layer, kv head g): the query heads reading g (their q and o weights) plus
+  g's k and v weights, each weight counted once (GQA-aware: shared k/v are not repeated per
+  query head).
+
+``share`` is the group's part of the model's |score| mass; ``layer_component`` rows also carry
+``share_of_layer``, ``density_ratio`` (mean / the layer's mean) and ``rank_in_layer`` (1 = the
+densest component), which compare q/k/v/o and up/gate/down within each layer. ``topk_count``
+counts the weights of a global rank run of this score run (option ``rank_run``: ``auto`` = the
+newest, ``none``, or a run id) that fall in the group.
+
+The depth pattern (``analysis_depth_trend``) is fitted on the mean |score| per layer, for the
+whole model and for each component (rules in :mod:`cwa.analysis.trend`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from cwa.analysis.base import AnalysisResult, AnalyzerOption, AnalyzerSpec, DisplayTable
+from cwa.errors import InvalidInput
+
+LEVELS = ("model", "tensor", "layer", "component", "layer_component", "head", "kv_group")
+
+
+@dataclass
+class _Group:
+    level: str
+    key: str
+    meta: dict[str, Any]
+    hist: Any = field(default=None)
+
+
+class _Groups:
+    def __init__(self) -> None:
+        from cwa.analysis.histogram import LogHistogram
+
+        self._hist_type = LogHistogram
+        self.items: dict[tuple[str, str], _Group] = {}
+
+    def get(self, level: str, key: str, **meta: Any) -> _Group:
+        found = self.items.get((level, key))
+        if found is None:
+            found = _Group(level, key, meta, self._hist_type())
+            self.items[(level, key)] = found
+        return found
+
+    def add(self, level: str, key: str, bins: tuple, row: int = 0, **meta: Any) -> None:
+        lo, counts, mass, vmin, vmax = bins
+        self.get(level, key, **meta).hist.add_bins(
+            lo, counts[row], mass[row], float(vmin[row]), float(vmax[row])
+        )
+
+
+def _layer_key(layer: int | None) -> str:
+    return f"layer={'none' if layer is None else layer}"
+
+
+def _profile_tensor(groups: _Groups, arch: Any, name: str, values: np.ndarray) -> None:
+    from cwa.analysis.histogram import tensor_bins
+    from cwa.models.architecture import COMPONENTS
+
+    info = arch.params[name]
+    mags = np.abs(values)
+    finite = None
+    if mags.size and not np.isfinite(mags.max()):  # NaN marks out-of-scope elements
+        finite = np.isfinite(mags)
+        mags = mags[finite]
+    if mags.size == 0:
+        return
+    layer = info.layer
+    whole = tensor_bins(mags)
+    comps = info.components
+    groups.add("model", "all", whole)
+    groups.add("tensor", name, whole, parameter=name, layer=layer, component=",".join(comps))
+    if layer is not None:
+        groups.add("layer", _layer_key(layer), whole, layer=layer)
+    if len(comps) == 1:
+        per_comp = whole
+        local_ids = None
+    else:
+        ids = arch.component_ids(name).numpy().reshape(-1)
+        if finite is not None:
+            ids = ids[finite]
+        lookup = np.full(len(COMPONENTS), -1, dtype=np.int64)
+        lookup[[COMPONENTS.index(c) for c in comps]] = np.arange(len(comps))
+        local_ids = lookup[ids]
+        per_comp = tensor_bins(mags, local_ids, len(comps))
+    for i, comp in enumerate(comps):
+        groups.add("component", comp, per_comp, i, component=comp)
+        if layer is not None:
+            groups.add(
+                "layer_component",
+                f"{_layer_key(layer)},{comp}",
+                per_comp,
+                i,
+                layer=layer,
+                component=comp,
+            )
+    if layer is None or not any(seg.n_heads for seg in info.segments):
+        return
+    heads = arch.head_ids(name).numpy().reshape(-1)
+    if finite is not None:
+        heads = heads[finite]
+    n_heads = max(seg.n_heads or 0 for seg in info.segments)
+    inside = heads >= 0
+    comp_local = np.zeros(mags.size, dtype=np.int64) if local_ids is None else local_ids
+    gid = (comp_local * n_heads + heads)[inside]
+    bins = tensor_bins(mags[inside], gid, len(comps) * n_heads)
+    occupied = np.flatnonzero(bins[1].sum(axis=1))
+    for g in occupied.tolist():
+        comp, head = comps[g // n_heads], g % n_heads
+        is_kv = comp in ("attn_k", "attn_v")
+        kv_group = head if is_kv else head // arch.group_size
+        groups.add(
+            "head",
+            f"{_layer_key(layer)},{comp},head={head}",
+            bins,
+            g,
+            layer=layer,
+            component=comp,
+            head=head,
+            kv_group=kv_group,
+        )
+        groups.add(
+            "kv_group",
+            f"{_layer_key(layer)},kv_group={kv_group}",
+            bins,
+            g,
+            layer=layer,
+            kv_group=kv_group,
+        )
+
+
+def _rows(groups: _Groups, score_run_id: str) -> list[dict[str, Any]]:
+    model = groups.items[("model", "all")].hist
+    total = model.total
+    rows = []
+    for (level, key), group in groups.items.items():
+        hist = group.hist
+        n = hist.n
+        mass = hist.total
+        row = {
+            "score_run_id": score_run_id,
+            "level": level,
+            "group_key": key,
+            "layer": group.meta.get("layer"),
+            "component": group.meta.get("component"),
+            "head": group.meta.get("head"),
+            "kv_group": group.meta.get("kv_group"),
+            "parameter": group.meta.get("parameter"),
+            "n": n,
+            "mass": mass,
+            "share": mass / total if total > 0 else None,
+            "mean": mass / n if n else None,
+            "min": hist.vmin if n else None,
+            "p50": hist.quantile(0.5),
+            "p90": hist.quantile(0.9),
+            "p99": hist.quantile(0.99),
+            "max": hist.vmax if n else None,
+            "gini": hist.gini(),
+            "top1pct_share": hist.top_share(0.01),
+            "method": "histogram",
+        }
+        rows.append(row)
+    _layer_comparison(rows)
+    return rows
+
+
+def _layer_comparison(rows: list[dict[str, Any]]) -> None:
+    layers = {r["layer"]: r for r in rows if r["level"] == "layer"}
+    by_layer: dict[int, list[dict[str, Any]]] = {}
+    for row in rows:
+        if row["level"] == "layer_component":
+            by_layer.setdefault(row["layer"], []).append(row)
+    for layer, members in by_layer.items():
+        whole = layers[layer]
+        members.sort(key=lambda r: -(r["mean"] or 0.0))
+        for rank, row in enumerate(members, start=1):
+            row["rank_in_layer"] = rank
+            row["share_of_layer"] = row["mass"] / whole["mass"] if whole["mass"] else None
+            if whole["mean"] and row["mean"] is not None:
+                row["density_ratio"] = row["mean"] / whole["mean"]
+
+
+def _topk_counts(rows: list[dict[str, Any]], ranked: Any, group_size: int) -> None:
+    """Count the rank run's weights per group (columns of ``ranked_weights``)."""
+    import polars as pl
+
+    k = ranked.height
+    if k == 0:
+        return
+    layer_key = pl.concat_str(pl.lit("layer="), pl.col("layer").cast(pl.String).fill_null("none"))
+    kv = (
+        pl.when(pl.col("component").is_in(["attn_k", "attn_v"]))
+        .then(pl.col("head"))
+        .otherwise(pl.col("head") // group_size)
+    )
+    keyed = ranked.with_columns(
+        pl.lit("all").alias("model"),
+        pl.col("parameter").alias("tensor"),
+        pl.when(pl.col("layer").is_not_null()).then(layer_key).alias("layer_k"),
+        pl.col("component").alias("component_k"),
+        pl.when(pl.col("layer").is_not_null())
+        .then(pl.concat_str(layer_key, pl.lit(","), pl.col("component")))
+        .alias("layer_component"),
+        pl.concat_str(
+            layer_key,
+            pl.lit(","),
+            pl.col("component"),
+            pl.lit(",head="),
+            pl.col("head").cast(pl.String),
+        ).alias("head_k"),
+        pl.concat_str(layer_key, pl.lit(",kv_group="), kv.cast(pl.String)).alias("kv_group"),
+    )
+    columns = {
+        "model": "model",
+        "tensor": "tensor",
+        "layer": "layer_k",
+        "component": "component_k",
+        "layer_component": "layer_component",
+        "head": "head_k",
+        "kv_group": "kv_group",
+    }
+    counts: dict[tuple[str, str], int] = {}
+    for level, column in columns.items():
+        for key, count in keyed.group_by(column).len().iter_rows():
+            if key is not None:
+                counts[(level, key)] = int(count)
+    for row in rows:
+        row["topk_count"] = counts.get((row["level"], row["group_key"]), 0)
+        row["topk_share"] = row["topk_count"] / k
+
+
+def _trends(rows: list[dict[str, Any]], score_run_id: str, options: dict) -> list[dict]:
+    from cwa.analysis.trend import fit_depth_trend
+
+    knobs = {
+        "flat_tolerance": options["flat_tolerance"],
+        "min_r2": options["min_r2"],
+        "curvature_gain": options["curvature_gain"],
+    }
+    series: dict[str, dict[int, float]] = {}
+    for row in rows:
+        if row["level"] == "layer" and row["mean"] is not None:
+            series.setdefault("model", {})[row["layer"]] = row["mean"]
+        elif row["level"] == "layer_component" and row["mean"] is not None:
+            series.setdefault(row["component"], {})[row["layer"]] = row["mean"]
+    out = []
+    for scope, values in series.items():
+        ordered = [values[layer] for layer in sorted(values)]
+        out.append(
+            {"score_run_id": score_run_id, "scope": scope, **fit_depth_trend(ordered, **knobs)}
+        )
+    return out
+
+
+def _rank_run_id(inputs: Any, run: Any, choice: str) -> str | None:
+    from cwa.store.runs import fetch_run, resolve_run_id
+
+    if choice == "none":
+        return None
+    if choice == "auto":
+        for child in inputs.child_runs(run, "rank"):
+            with inputs.store.read() as con:
+                if fetch_run(con, child).config.get("mode", "global") == "global":
+                    return child
+        return None
+    with inputs.store.read() as con:
+        rank_id = resolve_run_id(con, choice, stage="rank")
+        record = fetch_run(con, rank_id)
+    if run.run_id not in [p for p, _ in record.parents]:
+        raise InvalidInput(
+            f"rank run {rank_id} ranks score run {record.config.get('score_run')}, not "
+            f"{run.run_id}; give a rank run of this score run"
+        )
+    if record.config.get("mode", "global") != "global":
+        raise InvalidInput(
+            f"rank run {rank_id} is in {record.config.get('mode')} mode; use a global ranking"
+        )
+    return rank_id
+
+
+def _validate(inputs: Any, options: dict[str, Any]) -> None:
+    from cwa.analysis.common import scored_names
+
+    run = inputs.runs[0]
+    scored_names(inputs, run, inputs.architecture(run))
+    _rank_run_id(inputs, run, options["rank_run"])
+
+
+def _run(inputs: Any, options: dict[str, Any], reporter: Any) -> AnalysisResult:
+    from cwa.analysis.common import read_scores, scored_names
+
+    run = inputs.runs[0]
+    arch = inputs.architecture(run)
+    names = scored_names(inputs, run, arch)
+    groups = _Groups()
+    task = reporter.task("profile", total=len(names))
+    with inputs.open_scores(run) as reader:
+        for name in names:
+            _profile_tensor(groups, arch, name, read_scores(reader, name))
+            task.advance()
+    task.close()
+    if ("model", "all") not in groups.items:
+        raise InvalidInput(f"score run {run.run_id} has no finite score to profile")
+    rows = _rows(groups, run.run_id)
+    rank_id = _rank_run_id(inputs, run, options["rank_run"])
+    if rank_id is not None:
+        ranked = inputs.query(
+            "SELECT parameter, layer, component, head FROM ranked_weights WHERE run_id = ? "
+            "AND group_key = 'all'",
+            [rank_id],
+        )
+        _topk_counts(rows, ranked, arch.group_size)
+    trends = _trends(rows, run.run_id, options)
+    return _result(rows, trends, rank_id)
+
+
+def _result(rows: list[dict], trends: list[dict], rank_id: str | None) -> AnalysisResult:
+    model = next(r for r in rows if r["level"] == "model")
+    whole = next((t for t in trends if t["scope"] == "model"), None)
+    metrics = {
+        "n_weights": float(model["n"]),
+        "gini": model["gini"],
+        "top1pct_share": model["top1pct_share"],
+        "n_groups": float(len(rows)),
+    }
+    if whole is not None and whole["slope"] is not None:
+        metrics.update(depth_slope=whole["slope"], depth_r2_linear=whole["r2_linear"] or 0.0)
+    layer_rows = [
+        (
+            r["layer"],
+            r["n"],
+            r["share"],
+            r["mean"],
+            r["gini"],
+            r["top1pct_share"],
+            r.get("topk_count"),
+        )
+        for r in sorted((r for r in rows if r["level"] == "layer"), key=lambda r: r["layer"])
+    ]
+    comp_rows = [
+        (r["component"], r["n"], r["share"], r["mean"], r["gini"])
+        for r in sorted((r for r in rows if r["level"] == "component"), key=lambda r: -r["share"])
+    ]
+    trend_rows = [
+        (t["scope"], t["pattern"], t["slope"], t["r2_linear"], t["curvature"], t["r2_quadratic"])
+        for t in trends
+    ]
+    return AnalysisResult(
+        tables={"analysis_profile": rows, "analysis_depth_trend": trends},
+        metrics={k: float(v) for k, v in metrics.items() if v is not None},
+        display=[
+            DisplayTable(
+                "per layer", ("layer", "n", "share", "mean", "gini", "top1%", "topk"), layer_rows
+            ),
+            DisplayTable("per component", ("component", "n", "share", "mean", "gini"), comp_rows),
+            DisplayTable(
+                "depth pattern",
+                ("scope", "pattern", "slope", "r2_lin", "curv", "r2_quad"),
+                trend_rows,
+            ),
+        ],
+        effective={"rank_run": rank_id},
+    )
+
+
+ANALYZER = AnalyzerSpec(
+    name="profile",
+    version="1",
+    description="score distribution per tensor/layer/component/head, concentration, depth pattern",
+    input_stages=("score",),
+    run=_run,
+    min_runs=1,
+    max_runs=1,
+    options=(
+        AnalyzerOption(
+            "rank_run", "str", "auto", "global rank run of this score run: auto, none or an id"
+        ),
+        AnalyzerOption(
+            "flat_tolerance",
+            "float",
+            0.10,
+            "depth pattern 'flat' below this relative range",
+            minimum=0.0,
+        ),
+        AnalyzerOption(
+            "min_r2",
+            "float",
+            0.5,
+            "least R^2 for a trend to name the pattern",
+            minimum=0.0,
+            maximum=1.0,
+        ),
+        AnalyzerOption(
+            "curvature_gain",
+            "float",
+            0.15,
+            "R^2 gain of the quadratic fit for peak/valley",
+            minimum=0.0,
+        ),
+    ),
+    tables=("analysis_profile", "analysis_depth_trend"),
+    validate=_validate,
+)
