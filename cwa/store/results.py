@@ -79,4 +79,4 @@ def ranked_layers(store: Store, rank_id: str) -> set[int | None]:
 def run_ids(store: Store) -> list[str]:
     """Every run id in the store (tests compare it before and after a refused command)."""
     with store.read() as con:
-        return [row[0] for row in con.execute("SELECT run_id FROM runs ORDER BY run_id")]
+        return [row[0] for row in con.execute("SELECT run_id FROM runs ORDER BY run_id").fetchall()]
