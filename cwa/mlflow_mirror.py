@@ -1,32 +1,53 @@
 """Mirror of runs into MLflow, for comparison in the MLflow UI.
 
 DuckDB is the source of truth and is always written first; this module copies a finished run
-into MLflow (one MLflow experiment per store experiment label): params from the flattened config,
-tags (stage, cwa run id, parents, seed, model), metrics and artifacts. The tracking URI is
-``MLFLOW_TRACKING_URI`` when set, else ``sqlite:///<store>/mlflow.db`` with artifacts under
-``<store>/mlflow-artifacts``. Any MLflow failure becomes a warning through the reporter and never
-loses data. Artifacts larger than ``CWA_MLFLOW_MAX_ARTIFACT_MB`` (default 100) are not copied; a
-tag records their path in the store instead.
+into MLflow (one MLflow experiment per store experiment label, tagged as a machine-learning
+experiment so that the UI's experiment-kind selector does not offer the GenAI views):
+
+- params from the flattened config; tags: stage, cwa run id, parents, seed, model, user tags
+  (``cwa runs tag``); the command and cwa version as the run's source; the description holds
+  the note and the lineage as links to the parents' MLflow runs;
+- metrics: the run's stored metrics plus the comparable numbers of :mod:`cwa.mlflow_summary`;
+- the calibration and evaluation data as MLflow dataset inputs (name, source, digest);
+- artifacts: plots, reports and other small files are copied (up to
+  ``CWA_MLFLOW_MAX_ARTIFACT_MB``, default 100). Score files are referenced, not copied: their
+  path and sha256 go to tags and to ``cwa_artifacts.json``; ``CWA_MLFLOW_COPY_SCORES=1`` (or
+  ``cwa mlflow sync --copy-scores``) copies them too.
+
+The tracking URI is ``MLFLOW_TRACKING_URI`` when set, else ``sqlite:///<store>/mlflow.db`` with
+artifacts under ``<store>/mlflow-artifacts``. A failure while a stage mirrors is a warning and
+never loses data; ``cwa mlflow sync`` re-mirrors (replacing the run's earlier MLflow copy).
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import re
+import tempfile
 from datetime import UTC
 from pathlib import Path
 from typing import Any
 
+from cwa.errors import CwaError
+from cwa.mlflow_summary import dataset_inputs, derived_metrics, description, run_name
 from cwa.progress import NULL_REPORTER, Reporter
-from cwa.store.runs import fetch_run
+from cwa.store.runs import RunRecord, fetch_run, resolve_run_id
 from cwa.store.store import Store
+from cwa.store.tags import NOTE_KEY, tags_of
 
 _MAX_PARAM_LEN = 6000
 _BATCH = 100
-
+EXPERIMENT_KIND = "custom_model_development"  # MLflow 3's "Machine learning" experiment kind
+_STATUS = {"succeeded": "FINISHED", "failed": "FAILED", "interrupted": "KILLED"}
+_COPIED_KINDS = ("plot", "report", "table", "data", "other")
 
 _MLFLOW_NAME_RE = re.compile(r"[^A-Za-z0-9_\-. :/]")
+
+
+class MirrorFailed(CwaError):
+    """MLflow could not be written (only raised where mirroring is the point, e.g. sync)."""
 
 
 def mlflow_name(name: str) -> str:
@@ -63,51 +84,91 @@ def _max_artifact_bytes() -> int:
         return 100 * 1024 * 1024
 
 
-def mirror_run(store: Store, run_id: str, *, reporter: Reporter | None = None) -> str | None:
+def copy_scores_default() -> bool:
+    value = os.environ.get("CWA_MLFLOW_COPY_SCORES", "0").strip().lower()
+    return value not in ("", "0", "false", "no", "off")
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+def _client(store: Store) -> Any:
+    for name in ("alembic", "mlflow"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+    from mlflow.tracking import MlflowClient
+
+    return MlflowClient(tracking_uri=tracking_uri(store))
+
+
+def mirror_run(
+    store: Store,
+    run_id: str,
+    *,
+    reporter: Reporter | None = None,
+    copy_scores: bool | None = None,
+) -> str | None:
     """Copy a run to MLflow; returns the MLflow run id, or None (with a warning) on failure."""
     reporter = reporter or NULL_REPORTER
     try:
-        mlflow_run_id = _mirror(store, run_id)
+        return _mirror(store, run_id, _client(store), copy_scores)
     except Exception as exc:  # the mirror must never lose or block data
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         reporter.warn(
-            f"MLflow mirror failed for run {run_id} ({first}); the run is safe in the DuckDB "
-            "store (disable the mirror with --no-mlflow / CWA_MLFLOW=0)"
+            f"MLflow mirror failed for run {run_id} ({_first_line(exc)}); the run is safe in the "
+            "DuckDB store (retry with `cwa mlflow sync`, or disable the mirror with --no-mlflow "
+            "/ CWA_MLFLOW=0)"
         )
         return None
-    return mlflow_run_id
 
 
-def _mirror(store: Store, run_id: str) -> str:
-    for name in ("alembic", "mlflow"):
-        logging.getLogger(name).setLevel(logging.WARNING)
-    from mlflow.entities import Metric, Param
-    from mlflow.tracking import MlflowClient
-
-    with store.read() as con:
-        run = fetch_run(con, run_id)
-        metrics = con.execute(
-            "SELECT name, value FROM run_metrics WHERE run_id = ? ORDER BY name", [run_id]
-        ).fetchall()
-        artifacts = [
-            r[0]
-            for r in con.execute(
-                "SELECT name FROM run_artifacts WHERE run_id = ? ORDER BY name", [run_id]
-            ).fetchall()
-        ]
-
-    uri = tracking_uri(store)
-    client = MlflowClient(tracking_uri=uri)
-    experiment = client.get_experiment_by_name(run.experiment)
+def _experiment_id(client: Any, store: Store, name: str) -> str:
+    experiment = client.get_experiment_by_name(name)
     if experiment is None:
         location = None
         if not os.environ.get("MLFLOW_TRACKING_URI"):
-            location = (store.path / "mlflow-artifacts" / run.experiment).resolve().as_uri()
-        experiment_id = client.create_experiment(run.experiment, artifact_location=location)
+            location = (store.path / "mlflow-artifacts" / name).resolve().as_uri()
+        experiment_id = client.create_experiment(name, artifact_location=location)
     else:
         experiment_id = experiment.experiment_id
+        if experiment.lifecycle_stage == "deleted":
+            client.restore_experiment(experiment_id)
+    if experiment is None or experiment.tags.get("mlflow.experimentKind") != EXPERIMENT_KIND:
+        client.set_experiment_tag(experiment_id, "mlflow.experimentKind", EXPERIMENT_KIND)
+    return experiment_id
 
-    start_ms = _epoch_ms(run.created_at)
+
+def _mirrored_copies(client: Any, run_id: str, known: str | None) -> list[str]:
+    """Active MLflow runs that mirror this cwa run (the recorded one and any tagged copy)."""
+    ids = set()
+    if known:
+        try:
+            if client.get_run(known).info.lifecycle_stage == "active":
+                ids.add(known)
+        except Exception:  # already gone from MLflow
+            pass
+    experiments = [e.experiment_id for e in client.search_experiments()]
+    if experiments:
+        found = client.search_runs(experiments, filter_string=f"tags.`cwa.run_id` = '{run_id}'")
+        ids.update(r.info.run_id for r in found)
+    return sorted(ids)
+
+
+def _links(con: Any, client: Any, run: RunRecord) -> dict[str, str]:
+    links = {}
+    for parent, _role in run.parents:
+        row = con.execute("SELECT mlflow_run_id FROM runs WHERE run_id = ?", [parent]).fetchone()
+        if row and row[0]:
+            try:
+                info = client.get_run(row[0]).info
+            except Exception:
+                continue
+            if info.lifecycle_stage == "active":
+                links[parent] = f"#/experiments/{info.experiment_id}/runs/{info.run_id}"
+    return links
+
+
+def _tags(run: RunRecord, store: Store, user_tags: dict[str, str], note: str) -> dict[str, str]:
     tags = {
         "cwa.stage": run.stage,
         "cwa.run_id": run.run_id,
@@ -119,41 +180,251 @@ def _mirror(store: Store, run_id: str) -> str:
         "cwa.store": str(store.path.resolve()),
         "cwa.git_sha": run.git_sha or "",
         "cwa.version": run.cwa_version,
-        "mlflow.runName": f"{run.stage}-{run.run_id[-8:].lower()}",
+        "mlflow.runName": run_name(run),
+        "mlflow.source.type": "LOCAL",
+        "mlflow.source.name": f"{run.command or 'cwa ' + run.stage} (cwa {run.cwa_version})"[:500],
+        "mlflow.note.content": note,
+        "mlflow.user": os.environ.get("USER", "") or "cwa",
     }
-    mlrun = client.create_run(experiment_id, start_time=start_ms, tags=tags)
+    if run.git_sha:
+        tags["mlflow.source.git.commit"] = run.git_sha
+    tags.update({k: v for k, v in user_tags.items() if k != NOTE_KEY})
+    return tags
+
+
+def _mirror(store: Store, run_id: str, client: Any, copy_scores: bool | None) -> str:
+    from mlflow.entities import Dataset, DatasetInput, InputTag, Metric, Param
+
+    copy_scores = copy_scores_default() if copy_scores is None else copy_scores
+    with store.read() as con:
+        run = fetch_run(con, run_id)
+        metrics = dict(
+            con.execute(
+                "SELECT name, value FROM run_metrics WHERE run_id = ? ORDER BY name", [run_id]
+            ).fetchall()
+        )
+        extra = derived_metrics(con, run)
+        datasets = dataset_inputs(con, run)
+        artifacts = con.execute(
+            "SELECT name, kind, bytes, sha256 FROM run_artifacts WHERE run_id = ? ORDER BY name",
+            [run_id],
+        ).fetchall()
+        user_tags = tags_of(con, run_id)
+        links = _links(con, client, run)
+    experiment_id = _experiment_id(client, store, run.experiment)
+    for old in _mirrored_copies(client, run_id, run.mlflow_run_id):
+        client.delete_run(old)  # a re-mirror replaces the earlier copy
+    start_ms = _epoch_ms(run.created_at)
+    note = description(run, links, user_tags.get(NOTE_KEY))
+    mlrun = client.create_run(
+        experiment_id, start_time=start_ms, tags=_tags(run, store, user_tags, note)
+    )
     mlflow_run_id = mlrun.info.run_id
     try:
         params = [Param(mlflow_name(k), v) for k, v in sorted(flatten_config(run.config).items())]
+        values = {**extra, **metrics}  # a stage's own metric wins over a derived one
         metric_objs = [
             Metric(mlflow_name(name), float(value), start_ms or 0, 0)
-            for name, value in metrics
+            for name, value in sorted(values.items())
             if value is not None
         ]
         for i in range(0, max(len(params), len(metric_objs), 1), _BATCH):
             client.log_batch(
                 mlflow_run_id, metrics=metric_objs[i : i + _BATCH], params=params[i : i + _BATCH]
             )
-        limit = _max_artifact_bytes()
-        folder = store.artifacts_dir(run_id)
-        skipped = []
-        for name in artifacts:
-            path = folder / name
-            if not path.is_file():
-                continue
-            if path.stat().st_size > limit:
-                skipped.append(name)
-                continue
-            parent = str(Path(name).parent)
-            client.log_artifact(mlflow_run_id, str(path), None if parent == "." else parent)
-        if skipped:
-            client.set_tag(mlflow_run_id, "cwa.large_artifacts_in_store", ",".join(skipped)[:5000])
+        if datasets:
+            client.log_inputs(
+                mlflow_run_id,
+                datasets=[
+                    DatasetInput(
+                        Dataset(
+                            d.name,
+                            d.digest,
+                            d.source_type,
+                            d.source,
+                            None,
+                            json.dumps(d.profile, default=str),
+                        ),
+                        [InputTag("mlflow.data.context", d.context)],
+                    )
+                    for d in datasets
+                ],
+            )
+        _log_artifacts(client, store, run_id, mlflow_run_id, artifacts, copy_scores)
     except Exception:
         # Do not leave a half-mirrored run looking like it is still running.
         client.set_terminated(mlflow_run_id, status="FAILED")
         raise
-    end_ms = _epoch_ms(run.finished_at)
-    client.set_terminated(mlflow_run_id, status="FINISHED", end_time=end_ms)
+    status = _STATUS.get(run.status, "RUNNING")
+    if status != "RUNNING":
+        client.set_terminated(mlflow_run_id, status=status, end_time=_epoch_ms(run.finished_at))
     with store.write() as con:
         con.execute("UPDATE runs SET mlflow_run_id = ? WHERE run_id = ?", [mlflow_run_id, run_id])
     return mlflow_run_id
+
+
+def _log_artifacts(
+    client: Any,
+    store: Store,
+    run_id: str,
+    mlflow_run_id: str,
+    artifacts: list[tuple],
+    copy_scores: bool,
+) -> None:
+    limit = _max_artifact_bytes()
+    folder = store.artifacts_dir(run_id)
+    referenced = []
+    for name, kind, size, sha256 in artifacts:
+        path = folder / name
+        if not path.is_file():
+            continue
+        copy = copy_scores if kind == "scores" else (kind in _COPIED_KINDS and size <= limit)
+        if copy:
+            parent = str(Path(name).parent)
+            client.log_artifact(mlflow_run_id, str(path), None if parent == "." else parent)
+            continue
+        ref = {"name": name, "kind": kind, "bytes": size, "sha256": sha256}
+        ref["path"] = str(path.resolve())
+        referenced.append(ref)
+        if kind == "scores":
+            stem = mlflow_name(Path(name).stem)
+            client.set_tag(mlflow_run_id, f"cwa.{stem}.path", ref["path"][:5000])
+            client.set_tag(mlflow_run_id, f"cwa.{stem}.sha256", sha256 or "")
+    if referenced:
+        with tempfile.TemporaryDirectory() as tmp:
+            index = Path(tmp) / "cwa_artifacts.json"
+            index.write_text(json.dumps({"not_copied": referenced}, indent=2) + "\n")
+            client.log_artifact(mlflow_run_id, str(index))
+
+
+# -- management: sync, tags, delete, UI address ------------------------------------------------
+def sync_runs(
+    store: Store,
+    refs: list[str] | None = None,
+    *,
+    copy_scores: bool | None = None,
+    reporter: Reporter | None = None,
+) -> list[tuple[str, str]]:
+    """(Re-)mirror runs (all finished runs when ``refs`` is empty), oldest first.
+
+    Returns (cwa run id, MLflow run id) pairs. Unknown references are refused before anything
+    is written; an MLflow failure raises :class:`MirrorFailed` naming the run.
+    """
+    reporter = reporter or NULL_REPORTER
+    with store.read() as con:
+        if refs:
+            ids = sorted({resolve_run_id(con, r, store_label=store.label) for r in refs})
+        else:
+            ids = [
+                r[0]
+                for r in con.execute(
+                    "SELECT run_id FROM runs WHERE status <> 'running' ORDER BY run_id"
+                ).fetchall()
+            ]
+    try:
+        client = _client(store)
+    except Exception as exc:
+        raise MirrorFailed(
+            f"cannot open MLflow at {tracking_uri(store)} ({_first_line(exc)})"
+        ) from exc
+    done = []
+    for run_id in ids:
+        try:
+            done.append((run_id, _mirror(store, run_id, client, copy_scores)))
+        except Exception as exc:
+            raise MirrorFailed(
+                f"mirroring run {run_id} to {tracking_uri(store)} failed ({_first_line(exc)}); "
+                f"{len(done)} run(s) before it were mirrored"
+            ) from exc
+        reporter.info(f"mirrored {run_id} -> MLflow run {done[-1][1]}")
+    _relink_children(store, client, {r for r, _ in done})
+    return done
+
+
+def _relink_children(store: Store, client: Any, changed: set[str]) -> None:
+    """Children of re-mirrored runs link to the new MLflow copies (descriptions rewritten)."""
+    if not changed:
+        return
+    with store.read() as con:
+        children = con.execute(
+            "SELECT DISTINCT p.run_id FROM run_parents p JOIN runs r USING (run_id) "
+            "WHERE list_contains(?, p.parent_run_id) AND r.mlflow_run_id IS NOT NULL",
+            [sorted(changed)],
+        ).fetchall()
+        for (child,) in children:
+            if child in changed:
+                continue
+            run = fetch_run(con, child)
+            note = description(run, _links(con, client, run), tags_of(con, child).get(NOTE_KEY))
+            try:
+                client.set_tag(run.mlflow_run_id, "mlflow.note.content", note)
+            except Exception:  # the child's MLflow copy is gone; sync it to recreate
+                continue
+
+
+def push_tags(store: Store, run_id: str, removed: list[str], reporter: Reporter) -> bool:
+    """Copy a run's user tags and note to its MLflow run (if mirrored). False on failure."""
+    with store.read() as con:
+        run = fetch_run(con, run_id)
+        tags = tags_of(con, run_id)
+    if not run.mlflow_run_id:
+        return False
+    try:
+        client = _client(store)
+        with store.read() as con:
+            note = description(run, _links(con, client, run), tags.get(NOTE_KEY))
+        client.set_tag(run.mlflow_run_id, "mlflow.note.content", note)
+        for key, value in tags.items():
+            if key != NOTE_KEY:
+                client.set_tag(run.mlflow_run_id, key, value)
+        for key in removed:
+            if key != NOTE_KEY:
+                try:
+                    client.delete_tag(run.mlflow_run_id, key)
+                except Exception:  # never set there
+                    pass
+    except Exception as exc:
+        reporter.warn(
+            f"MLflow tags of run {run_id} not updated ({_first_line(exc)}); they are stored; "
+            "`cwa mlflow sync` retries"
+        )
+        return False
+    return True
+
+
+def delete_mirrored(
+    store: Store, runs: dict[str, str | None], reporter: Reporter | None = None
+) -> list[str]:
+    """Mark the MLflow copies of deleted cwa runs deleted; returns the MLflow ids deleted."""
+    reporter = reporter or NULL_REPORTER
+    if not runs or (
+        not store.mlflow_db_path.exists() and not os.environ.get("MLFLOW_TRACKING_URI")
+    ):
+        return []
+    deleted = []
+    try:
+        client = _client(store)
+        for run_id, known in runs.items():
+            for mlflow_id in _mirrored_copies(client, run_id, known):
+                client.delete_run(mlflow_id)
+                deleted.append(mlflow_id)
+    except Exception as exc:
+        reporter.warn(f"MLflow runs of the deleted run(s) not removed ({_first_line(exc)})")
+    return deleted
+
+
+def experiment_url(store: Store, experiment: str, base_url: str) -> str:
+    """The MLflow UI address of an experiment's runs table (classic machine-learning view).
+
+    MLflow 3.17 picks the runs view from the ``workflowType`` query parameter (else the last
+    choice in the browser, GenAI by default), so the link names it.
+    """
+    client = _client(store)
+    found = client.get_experiment_by_name(experiment)
+    if found is None:
+        raise CwaError(
+            f"no MLflow experiment {experiment!r} at {tracking_uri(store)}; run a stage with the "
+            "mirror on or `cwa mlflow sync`"
+        )
+    base = base_url.rstrip("/")
+    return f"{base}/#/experiments/{found.experiment_id}/runs?workflowType=machine_learning"

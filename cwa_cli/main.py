@@ -13,6 +13,7 @@ import typer
 
 from cwa import __version__
 from cwa_cli import analyze, db, demo, evaluate, model, perturb, rank, run, runs, score, sql, toy
+from cwa_cli import mlflow as mlflow_cli
 from cwa_cli._state import CliState
 from cwa_cli.report import report_cmd
 
@@ -61,6 +62,7 @@ app.add_typer(runs.app, name="runs")
 app.add_typer(db.app, name="db")
 app.add_typer(model.app, name="model")
 app.add_typer(toy.app, name="toy")
+app.add_typer(mlflow_cli.app, name="mlflow")
 app.command("sql", context_settings=sql.SQL_CONTEXT)(sql.sql_cmd)
 app.command("score")(score.score_cmd)
 app.command("rank")(rank.rank_cmd)

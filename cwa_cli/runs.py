@@ -6,12 +6,15 @@ import json
 
 import typer
 
-from cwa_cli import _output
+from cwa_cli import _output, runs_manage
 from cwa_cli._boundary import error_boundary, fail
 from cwa_cli._options import ExperimentOpt, LimitOpt, RunRef, StageOpt, StatusOpt
 from cwa_cli._state import state
 
 app = typer.Typer(help="List, inspect and delete runs in the store.", no_args_is_help=True)
+app.command("compare")(runs_manage.compare_cmd)
+app.command("tag")(runs_manage.tag_cmd)
+app.command("export")(runs_manage.export_cmd)
 
 _STATUS_STYLE = {
     "succeeded": "green",
@@ -115,6 +118,8 @@ def show_cmd(ctx: typer.Context, run: RunRef) -> None:
         lineage += [("ancestor", a, f"depth {d}") for a, d in details.ancestors if d > 1]
         lineage += [("child", c, f"{s} ({st})") for c, s, st in details.children]
         out.print(_output.table(("relation", "run_id", "detail"), lineage, title="lineage"))
+    if details.tags:
+        out.print(_output.table(("tag", "value"), details.tags.items(), title="tags"))
     if details.metrics:
         out.print(_output.table(("metric", "value"), details.metrics.items(), title="metrics"))
     if details.result_counts:
@@ -134,11 +139,12 @@ def delete_cmd(
     ),
     yes: bool = typer.Option(False, "--yes", "-y", help="Do not ask for confirmation."),
 ) -> None:
-    """Delete a run, its results and artifacts (refuses when other runs depend on it).
+    """Delete a run, its results, artifacts and MLflow copy (refuses when other runs depend on it).
 
     Example: cwa runs delete 01J9Z3 --recursive --yes
     """
-    from cwa.store import delete_run, run_details
+    from cwa.store import run_details
+    from cwa.store.runs import delete_runs
 
     store = _store(ctx)
     if not yes:
@@ -149,11 +155,19 @@ def delete_cmd(
         if not typer.confirm(f"Delete run {rid} ({details.run.stage})?", err=True):
             raise typer.Exit(1)
         run = rid
-    deleted = delete_run(store, run, recursive=recursive)
+    removed = delete_runs(store, run, recursive=recursive)
+    deleted = list(removed)
+    # The MLflow copies go too (marked deleted there), whether or not the mirror is on now.
+    from cwa.mlflow_mirror import delete_mirrored
+    from cwa_cli._common import reporter_for
+
+    with reporter_for(ctx) as reporter:
+        mlflow_deleted = delete_mirrored(store, removed, reporter)
     if state(ctx).json:
-        _output.emit_json({"deleted": deleted})
+        _output.emit_json({"deleted": deleted, "mlflow_deleted": mlflow_deleted})
     else:
-        _output.info(f"Deleted {len(deleted)} run(s): {', '.join(deleted)}", quiet=False)
+        also = f" (and {len(mlflow_deleted)} MLflow run(s))" if mlflow_deleted else ""
+        _output.info(f"Deleted {len(deleted)} run(s){also}: {', '.join(deleted)}", quiet=False)
 
 
 def _interactive() -> bool:

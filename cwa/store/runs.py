@@ -234,9 +234,11 @@ class RunDetails:
     metrics: dict[str, float]
     artifacts: list[dict[str, Any]]
     result_counts: dict[str, int]  # table -> rows for this run
+    tags: dict[str, str] = field(default_factory=dict)  # user tags; 'note' is the note
 
     def to_dict(self) -> dict[str, Any]:
         return {
+            "tags": self.tags,
             "run": self.run.to_dict(),
             "children": [{"run_id": r, "stage": s, "status": st} for r, s, st in self.children],
             "ancestors": [{"run_id": r, "depth": d} for r, d in self.ancestors],
@@ -275,13 +277,16 @@ def run_details(store: Store, ref: str) -> RunDetails:
         ]
         counts = {}
         for table in result_tables(con):
-            if table in ("run_metrics", "run_artifacts"):
+            if table in ("run_metrics", "run_artifacts", "run_tags"):
                 continue
             n = con.execute(f'SELECT count(*) FROM "{table}" WHERE run_id = ?', [run_id])
             count = int(n.fetchone()[0])
             if count:
                 counts[table] = count
-    return RunDetails(run, list(children), list(ancestors), metrics, artifacts, counts)
+        from cwa.store.tags import tags_of
+
+        tags = tags_of(con, run_id)
+    return RunDetails(run, list(children), list(ancestors), metrics, artifacts, counts, tags)
 
 
 def delete_run(store: Store, ref: str, *, recursive: bool = False) -> list[str]:
@@ -290,6 +295,11 @@ def delete_run(store: Store, ref: str, *, recursive: bool = False) -> list[str]:
     Refuses when the run has children and ``recursive`` is false. Returns deleted run ids.
     Database rows go in one transaction; artifact folders are removed after it commits.
     """
+    return list(delete_runs(store, ref, recursive=recursive))
+
+
+def delete_runs(store: Store, ref: str, *, recursive: bool = False) -> dict[str, str | None]:
+    """:func:`delete_run`, returning {deleted run id: its MLflow run id or None}."""
     with store.write() as con:
         run_id = resolve_run_id(con, ref, store_label=store.label)
         descendants = [
@@ -314,6 +324,11 @@ def delete_run(store: Store, ref: str, *, recursive: bool = False) -> list[str]:
             raise InvalidInput(
                 f"run {running[0][0]} is still running; wait for it or interrupt it first"
             )
+        mirrored = dict(
+            con.execute(
+                "SELECT run_id, mlflow_run_id FROM runs WHERE list_contains(?, run_id)", [doomed]
+            ).fetchall()
+        )
         for table in result_tables(con):
             con.execute(f'DELETE FROM "{table}" WHERE list_contains(?, run_id)', [doomed])
         con.execute(
@@ -326,4 +341,4 @@ def delete_run(store: Store, ref: str, *, recursive: bool = False) -> list[str]:
         folder = store.artifacts_dir(rid)
         if folder.exists():
             shutil.rmtree(folder, ignore_errors=True)
-    return doomed
+    return {rid: mirrored.get(rid) for rid in doomed}
