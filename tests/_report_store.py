@@ -90,12 +90,51 @@ def _perturb_tables() -> dict[str, list[dict]]:
     return {"perturbation_conditions": conditions, "evaluations": evals}
 
 
+# Items per task whose prediction each condition changes (top_k flips many, controls few).
+FLIPS = {"top_k": 6, "bottom_k": 0, "random_k": [1, 0, 2]}
+N_ITEMS = 10
+
+
+def _items(condition, prediction_flipped: int, k: int | None = None) -> list[dict]:
+    return [
+        dict(condition_id=condition, task="hellaswag", item_index=i, gold=0,
+             prediction=1 if i < prediction_flipped else 0,
+             acc=0.0 if i < prediction_flipped else 1.0, acc_norm=None, choice_loglik=None,
+             target_loglik=None, greedy=None, task_config_hash="h-hellaswag")
+        for i in range(N_ITEMS)
+    ]
+
+
+def _item_rows() -> list[dict]:
+    rows = _items(None, 0)
+    for k in (10, 100):
+        rows += _items(f"top_k|sign_flip|k={k}", FLIPS["top_k"])
+        rows += _items(f"bottom_k|sign_flip|k={k}", FLIPS["bottom_k"])
+        for seed, n in enumerate(FLIPS["random_k"]):
+            rows += _items(f"random_k|sign_flip|k={k}|seed={seed}", n)
+    return rows
+
+
+ACTIVATIONS = {0: (5.0, 3.0), 1: (900.0, 450.0), 2: (7.0, 4.0)}  # layer -> (max in, max out)
+
+
+def _activation_rows() -> list[dict]:
+    rows = []
+    for layer, (inp, out) in ACTIVATIONS.items():
+        for rnd, factor in ((1, 1.0), (2, 0.01)):  # round 2: after removing the super weight
+            rows.append(dict(layer=layer, parameter=f"h.{layer}.mlp_down.weight",
+                             max_input_abs=inp * factor, input_channel=3,
+                             input_spike_ratio=10.0, max_output_abs=out * factor,
+                             output_channel=5, output_spike_ratio=9.0, round=rnd))
+    return rows
+
+
 def _model(ctx) -> None:
     ctx.set_model("toy-fake", "fp-model", "cpu")
 
 
-def build_report_world(store: Store, *, analyze: bool = True, experiment: str = "study"
-                       ) -> ReportWorld:
+def build_report_world(store: Store, *, analyze: bool = True, experiment: str = "study",
+                       items: bool = False) -> ReportWorld:
     def stage(name, config, tables=None, parents=(), seed=None):
         def compute(ctx):
             _model(ctx)
@@ -113,14 +152,20 @@ def build_report_world(store: Store, *, analyze: bool = True, experiment: str = 
     stats0 = _tensor_stats(0)
     for seed in range(3):
         stats = stats0 if seed == 0 else _tensor_stats(seed)
+        tables = {"tensor_stats": stats}
+        if items and seed == 0:
+            tables["activation_profile"] = _activation_rows()
         seeds.append(stage("score", {"metric": "grad_x_weight", "data": {"source": "toy"}},
-                           {"tensor_stats": stats}, seed=seed))
+                           tables, seed=seed))
     score = seeds[0]
     rank = stage("rank", {"topk": 100, "score_run": score}, {"ranked_weights": _ranked(100)},
                  parents=[(score, "scores")])
     evaluate = stage("evaluate", {"tasks": "perplexity,hellaswag"},
                      {"evaluations": _perturb_tables()["evaluations"][:2]})
-    perturb = stage("perturb", {"method": "sign_flip"}, _perturb_tables(),
+    perturb_tables = _perturb_tables()
+    if items:
+        perturb_tables["evaluation_items"] = _item_rows()
+    perturb = stage("perturb", {"method": "sign_flip"}, perturb_tables,
                     parents=[(rank, "ranking"), (evaluate, "baseline")])
     world = ReportWorld(score, rank, evaluate, perturb, seeds=seeds, tensor_stats=stats0)
     if analyze:
@@ -149,4 +194,20 @@ def _analysis_tables(seeds: list[str]) -> dict[str, list[dict]]:
             corr.append(dict(kind="metric", scope="global", group_key="all", row_key=a,
                              col_key=b, statistic="spearman",
                              value=1.0 if i == j else 0.9 - 0.1 * abs(i - j), n=1000))
-    return {"analysis_stability_summary": summary, "analysis_correlation": corr}
+    clusters = [
+        dict(score_run_id=seeds[0], algorithm="kmeans", cluster_id=c, size=size, n_top=size // 2,
+             silhouette=0.5, mean_score=1e-3, mean_abs_weight=0.1, mean_depth=0.5,
+             top_component="mlp_down", top_layer=1, is_noise=False)
+        for c, size in CLUSTER_SIZES.items()
+    ]
+    centroids = [
+        dict(cluster_id=c, feature=f, value=v, value_scaled=v)
+        for c, vec in CLUSTER_CENTRES.items()
+        for f, v in zip(("log_score_0", "depth", "abs_weight"), vec, strict=True)
+    ]
+    return {"analysis_stability_summary": summary, "analysis_correlation": corr,
+            "analysis_clusters": clusters, "analysis_cluster_centroids": centroids}
+
+
+CLUSTER_SIZES = {0: 120, 1: 40, 2: 300}
+CLUSTER_CENTRES = {0: (1.0, 0.0, 0.5), 1: (-1.0, 2.0, 0.0), 2: (0.0, -1.0, -0.5)}

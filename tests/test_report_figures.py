@@ -289,17 +289,23 @@ def test_correlation_heatmap_mirrors_a_triangle_and_annotates() -> None:
     assert sorted(t.get_text() for t in ax.texts) == sorted(f"{v:.2f}" for v in expected.ravel())
 
 
-def test_clusters_marker_area_grows_with_size() -> None:
+def test_clusters_projection_keeps_centre_distances_and_sizes() -> None:
     from cwa.reporting import figures_analysis as fa
 
-    table = pl.DataFrame(
-        {"cluster": [0, 1, 2], "x": [0.0, 1.0, -1.0], "y": [0.5, -0.5, 2.0],
-         "size": [100, 400, 50], "label": ["c0", "c1", "c2"]}
-    )
-    ax = fa.clusters(table).axes[0]
+    centres = {0: (0.0, 1.0), 1: (3.0, -1.0), 2: (-2.0, 2.0)}  # two features: PCA = rotation
+    sizes = {0: 100, 1: 400, 2: 50}
+    rows = [
+        {"cluster": c, "size": sizes[c], "label": f"c{c}", "feature": f, "value_scaled": v}
+        for c, (a, b) in centres.items()
+        for f, v in (("log_score_0", a), ("depth", b))
+    ]
+    ax = fa.clusters(pl.DataFrame(rows)).axes[0]
     points = next(c for c in ax.collections if c.get_gid() == "clusters")
-    np.testing.assert_allclose(points.get_offsets(), [[0.0, 0.5], [1.0, -0.5], [-1.0, 2.0]])
+    xy = np.asarray(points.get_offsets())
+    original = np.array([centres[c] for c in (0, 1, 2)])
+    from scipy.spatial.distance import pdist
+
+    np.testing.assert_allclose(pdist(xy), pdist(original), atol=1e-9)
     areas = points.get_sizes()
-    assert areas[1] > areas[0] > areas[2]
     np.testing.assert_allclose(areas, 30.0 + 600.0 * np.array([100, 400, 50]) / 400)
     assert [t.get_text() for t in ax.texts] == ["c0 (100)", "c1 (400)", "c2 (50)"]

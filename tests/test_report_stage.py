@@ -202,3 +202,27 @@ def test_library_never_prints(store: Store, capsys) -> None:
     captured = capsys.readouterr()
     assert captured.out == "" and captured.err == ""
     assert issubclass(InvalidInput, CwaError)
+
+
+def test_flipped_items_and_activation_profile_from_per_item_records(store: Store) -> None:
+    import polars as pl
+    from _report_store import ACTIVATIONS, CLUSTER_SIZES, FLIPS
+
+    world = build_report_world(store, items=True)
+    outcome = run_report(store, ReportConfig(runs=[world.perturb], formats=["png"]), mlflow=False)
+    assert {"flipped_items", "superweight_profile", "clusters"} <= set(outcome.value["figures"])
+    plots = outcome.artifacts_dir / "plots"
+    flips = {r["selection"]: r for r in pl.read_csv(plots / "flipped_items.csv")
+             .iter_rows(named=True)}
+    assert flips["top_k"]["mean_flipped"] == FLIPS["top_k"] and flips["top_k"]["n"] == 1
+    assert flips["bottom_k"]["mean_flipped"] == 0  # conditions that flip nothing still count
+    random = np.array(FLIPS["random_k"])
+    assert flips["random_k"]["n"] == 3
+    assert flips["random_k"]["mean_flipped"] == pytest.approx(random.mean())
+    assert (flips["random_k"]["lo"], flips["random_k"]["hi"]) == (random.min(), random.max())
+    profile = pl.read_csv(plots / "superweight_profile.csv").sort("layer")
+    assert profile["max_input"].to_list() == [v[0] for v in ACTIVATIONS.values()]  # round 1
+    assert profile["max_output"].to_list() == [v[1] for v in ACTIVATIONS.values()]
+    clusters = pl.read_csv(plots / "clusters.csv")
+    sizes = dict(clusters.select("cluster", "size").unique().iter_rows())
+    assert sizes == CLUSTER_SIZES

@@ -9,33 +9,10 @@ figure in the report is exactly the query that produced its data, with the run i
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from dataclasses import dataclass, field
 from typing import Any
 
-# Placeholders: {score_run} {rank_run} single quoted ids; {score_runs} {perturb_runs}
-# {analyze_runs} comma-separated quoted ids. A source needing an absent one is skipped.
-
-
-@dataclass(frozen=True)
-class Source:
-    sql: str
-    tables: tuple[str, ...]
-    needs: tuple[str, ...]
-    min_rows: int = 1
-    min_distinct: tuple[str, int] | None = None  # (column, how many distinct values)
-
-
-@dataclass(frozen=True)
-class FigureSpec:
-    name: str
-    title: str
-    caption: str
-    draw: str  # "module:function" in cwa.reporting, imported only when drawn
-    sources: tuple[Source, ...]
-    hint: str  # how to produce the data when it is absent
-    options: Callable[[Any], dict[str, Any]] = field(default=lambda runs: {})
-
+from cwa.reporting.catalog_analysis import ANALYSIS_FIGURES
+from cwa.reporting.spec import FigureSpec, Source
 
 _MAIN_CONDITION = """WITH main AS (
     SELECT method, scale, k FROM perturbation_conditions
@@ -286,6 +263,33 @@ ORDER BY ALL""",
         draw="figures_effects:superweight_profile",
         sources=(
             Source(
+                sql="""WITH newest AS (
+    SELECT max(run_id) AS run_id FROM analysis_super_weight_profile
+    WHERE run_id IN ({analyze_runs})
+)
+SELECT layer, max(max_input_abs) AS max_input, max(max_output_abs) AS max_output
+FROM analysis_super_weight_profile
+WHERE run_id = (SELECT run_id FROM newest) AND layer IS NOT NULL
+  AND (round IS NULL OR round = 1)
+GROUP BY layer
+ORDER BY layer""",
+                tables=("analysis_super_weight_profile",),
+                needs=("analyze_runs",),
+            ),
+            Source(
+                sql="""WITH newest AS (
+    SELECT max(run_id) AS run_id FROM activation_profile WHERE run_id IN ({score_runs})
+)
+-- Round 1: the activations before any detected super weight is removed.
+SELECT layer, max(max_input_abs) AS max_input, max(max_output_abs) AS max_output
+FROM activation_profile
+WHERE run_id = (SELECT run_id FROM newest) AND round = 1 AND layer IS NOT NULL
+GROUP BY layer
+ORDER BY layer""",
+                tables=("activation_profile",),
+                needs=("score_runs",),
+            ),
+            Source(
                 sql="""SELECT layer, max(input_activation) AS max_input,
        max(output_activation) AS max_output
 FROM super_weights
@@ -299,82 +303,68 @@ ORDER BY layer""",
         hint="run `cwa score --metric super_weight`",
     ),
     FigureSpec(
-        name="stability_curves",
-        title="Ranking stability across seeds",
-        caption="Agreement of the global top-k between score runs (seeds) as k grows: Jaccard "
-        "and rank-biased overlap, mean over pairs with the interval the analyze stage stored.",
-        draw="figures_analysis:stability_curves",
+        name="flipped_items",
+        title="Items flipped by the treatment vs the controls",
+        caption="Task items whose answer changed against the unperturbed model at the main "
+        "condition (the largest top-k): mean over each selection's conditions, whiskers min–max "
+        "over seeds.",
+        draw="figures_effects:flipped_items",
         sources=(
             Source(
-                sql="""SELECT statistic, k, n_pairs, mean,
-       coalesce(ci_low, min) AS ci_low, coalesce(ci_high, max) AS ci_high
-FROM analysis_stability_summary
-WHERE run_id = (SELECT max(run_id) FROM analysis_stability_summary
-                WHERE run_id IN ({analyze_runs}) AND scope = 'global')
-  AND scope = 'global' AND statistic IN ('jaccard', 'rbo')
-ORDER BY statistic, k""",
-                tables=("analysis_stability_summary",),
-                needs=("analyze_runs",),
+                sql=_MAIN_CONDITION
+                + """
+SELECT f.task, f.selection, count(*) AS n, avg(f.n_flipped) AS mean_flipped,
+       min(f.n_flipped) AS lo, max(f.n_flipped) AS hi
+FROM analysis_effect_flips f
+JOIN perturbation_conditions pc
+    ON pc.run_id = f.perturb_run_id AND pc.condition_id = f.condition_id
+JOIN main m ON pc.method = m.method AND pc.k = m.k AND pc.scale IS NOT DISTINCT FROM m.scale
+WHERE f.run_id = (SELECT max(run_id) FROM analysis_effect_flips
+                  WHERE run_id IN ({analyze_runs}))
+  AND f.perturb_run_id IN ({perturb_runs})
+GROUP BY ALL
+ORDER BY ALL""",
+                tables=("analysis_effect_flips", "perturbation_conditions"),
+                needs=("analyze_runs", "perturb_runs"),
             ),
-        ),
-        hint="score with several seeds, then run `cwa analyze --analyzers stability` on them",
-    ),
-    FigureSpec(
-        name="metric_correlation",
-        title="Agreement between score runs",
-        caption="Spearman rank correlation of the scores of every pair of score runs (different "
-        "metrics or seeds) over the same weights.",
-        draw="figures_analysis:metric_correlation",
-        sources=(
             Source(
-                sql="""SELECT
-       json_extract_string(ra.config, '$.metric') || ' s' || coalesce(CAST(ra.seed AS VARCHAR), '-')
-           || ' ' || right(c.row_key, 4) AS row_key,
-       json_extract_string(rb.config, '$.metric') || ' s' || coalesce(CAST(rb.seed AS VARCHAR), '-')
-           || ' ' || right(c.col_key, 4) AS col_key,
-       c.value
-FROM analysis_correlation c
-JOIN runs ra ON ra.run_id = c.row_key
-JOIN runs rb ON rb.run_id = c.col_key
-WHERE c.run_id = (SELECT max(run_id) FROM analysis_correlation
-                  WHERE run_id IN ({analyze_runs}) AND kind = 'metric')
-  AND c.kind = 'metric' AND c.scope = 'global' AND c.statistic = 'spearman'
-ORDER BY c.row_key, c.col_key""",
-                tables=("analysis_correlation",),
-                needs=("analyze_runs",),
-            ),
-        ),
-        hint="score with two or more metrics or seeds, then run "
-        "`cwa analyze --analyzers correlation`",
-    ),
-    FigureSpec(
-        name="layer_correlation",
-        title="Similarity of score patterns between layers",
-        caption="Spearman correlation between layers of their per-component score profile "
-        "(the analyze stage's layer × layer matrix for the primary score run).",
-        draw="figures_analysis:layer_correlation",
-        sources=(
-            Source(
-                sql="""SELECT row_key, col_key, value
-FROM analysis_correlation
-WHERE run_id = (SELECT max(run_id) FROM analysis_correlation
-                WHERE run_id IN ({analyze_runs}) AND kind = 'layer')
-  AND kind = 'layer' AND statistic = 'spearman'
-  AND group_key = (SELECT coalesce(max(group_key) FILTER (group_key = {score_run}),
-                                   max(group_key))
-                   FROM analysis_correlation
-                   WHERE run_id IN ({analyze_runs}) AND kind = 'layer')
-  AND scope = (SELECT min(scope) FROM analysis_correlation
-               WHERE run_id IN ({analyze_runs}) AND kind = 'layer')
-ORDER BY TRY_CAST(regexp_extract(row_key, '(\\d+)', 1) AS INTEGER),
-         TRY_CAST(regexp_extract(col_key, '(\\d+)', 1) AS INTEGER)""",
-                tables=("analysis_correlation",),
-                needs=("analyze_runs", "score_run"),
-            ),
-        ),
-        hint="run `cwa analyze --analyzers correlation` on a score run",
-    ),
+                sql=_MAIN_CONDITION
+                + """,
+conditions AS (
+    SELECT pc.run_id, pc.condition_id, pc.selection
+    FROM perturbation_conditions pc
+    JOIN main m ON pc.method = m.method AND pc.k = m.k AND pc.scale IS NOT DISTINCT FROM m.scale
+    WHERE pc.run_id IN ({perturb_runs})
+),
+tasks AS (
+    SELECT DISTINCT run_id, task FROM evaluation_items
+    WHERE run_id IN ({perturb_runs}) AND condition_id IS NULL
+),
+flips AS (
+    SELECT run_id, condition_id, task, count(*) AS n_flipped
+    FROM flipped_items WHERE run_id IN ({perturb_runs})
+    GROUP BY ALL
+),
+per_condition AS (
+    SELECT t.task, c.selection, coalesce(f.n_flipped, 0) AS n_flipped
+    FROM conditions c
+    JOIN tasks t ON t.run_id = c.run_id
+    LEFT JOIN flips f
+        ON f.run_id = c.run_id AND f.condition_id = c.condition_id AND f.task = t.task
 )
+SELECT task, selection, count(*) AS n, avg(n_flipped) AS mean_flipped,
+       min(n_flipped) AS lo, max(n_flipped) AS hi
+FROM per_condition
+GROUP BY ALL
+ORDER BY ALL""",
+                tables=("flipped_items", "evaluation_items", "perturbation_conditions"),
+                needs=("perturb_runs",),
+            ),
+        ),
+        hint="run `cwa perturb --tasks hellaswag,lambada` with a cwa that records per-item "
+        "results",
+    ),
+) + ANALYSIS_FIGURES
 
 
 def figure_names() -> list[str]:

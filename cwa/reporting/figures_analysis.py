@@ -116,12 +116,39 @@ def layer_correlation(table: pl.DataFrame, *, statistic: str = "spearman") -> Fi
     )
 
 
+def project_centroids(table: pl.DataFrame) -> pl.DataFrame:
+    """Long-form centroids (cluster, size, label, feature, value_scaled) -> one row per cluster
+    with x, y = its coordinates on the first two principal axes of the centroids.
+
+    A display projection of a handful of cluster centres (not of the weights themselves).
+    """
+    import polars as pl
+
+    wide = table.pivot(on="feature", index=["cluster", "size", "label"], values="value_scaled")
+    wide = wide.sort("cluster")
+    features = [c for c in wide.columns if c not in ("cluster", "size", "label")]
+    matrix = np.nan_to_num(wide.select(features).to_numpy().astype(float))
+    centred = matrix - matrix.mean(axis=0, keepdims=True)
+    if centred.shape[0] > 1 and np.any(centred):
+        u, sing, _ = np.linalg.svd(centred, full_matrices=False)
+        coords = u[:, :2] * sing[:2]
+    else:
+        coords = np.zeros((centred.shape[0], 2))
+    if coords.shape[1] < 2:
+        coords = np.hstack([coords, np.zeros((coords.shape[0], 2 - coords.shape[1]))])
+    return wide.select("cluster", "size", "label").with_columns(
+        pl.Series("x", coords[:, 0]), pl.Series("y", coords[:, 1])
+    )
+
+
 @styled
 def clusters(table: pl.DataFrame) -> Figure:
-    """Columns: cluster, x, y (2-D projection of the cluster centre), size (weights), label.
+    """Columns: cluster, size (weights), label, feature, value_scaled (centroids, long form).
 
-    One marker per cluster at its projected centre, its area proportional to its size.
+    One marker per cluster at its centre projected on the centres' two principal axes, its
+    area proportional to its size.
     """
+    table = project_centroids(table)
     fig, ax = new_figure()
     sizes = table["size"].to_numpy().astype(float)
     area = 30.0 + 600.0 * sizes / max(float(sizes.max()), 1.0)
@@ -134,6 +161,6 @@ def clusters(table: pl.DataFrame) -> Figure:
                     xytext=(0, 6), textcoords="offset points")
     return finish(
         fig, ax, title="Clusters of critical weights",
-        xlabel="component 1 of the projection (standardised units)",
-        ylabel="component 2 (standardised units)",
+        xlabel="principal axis 1 of the cluster centres (standardised units)",
+        ylabel="principal axis 2 (standardised units)",
     )

@@ -188,5 +188,5 @@ def flipped_items(table: pl.DataFrame) -> Figure:
         ax,
         title="Items flipped by the treatment vs the controls",
         xlabel="task",
-        ylabel="items whose correctness flipped (count)",
+        ylabel="items whose answer changed (count)",
     )
