@@ -37,6 +37,16 @@ BUILTIN_ANALYZERS: tuple[tuple[str, str, str], ...] = (
         "top-k agreement of score runs (overlap, Jaccard, RBO, Spearman, Kendall) with CI",
     ),
     (
+        "drift",
+        "cwa.analysis.drift:ANALYZER",
+        "per-tensor shift (KS, Wasserstein) and top-k movement between two runs",
+    ),
+    (
+        "correlation",
+        "cwa.analysis.correlation:ANALYZER",
+        "metric x metric rank correlation and top-k overlap; layer x layer correlation",
+    ),
+    (
         "clusters",
         "cwa.analysis.clusters:ANALYZER",
         "k-means / MiniBatchKMeans / DBSCAN clusters of weights by sensitivity pattern",
