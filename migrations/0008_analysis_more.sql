@@ -203,7 +203,7 @@ WITH treated AS (
            e.ratio
     FROM perturbation_effects e
     JOIN run_parents p ON p.run_id = e.run_id AND p.role = 'clusters'
-    WHERE e.selection LIKE 'cluster:%'
+    WHERE e.selection LIKE 'cluster:%' AND e.metric <> 'tokens'
 ), controls AS (
     SELECT run_id AS perturb_run_id, method, scale, k, task, metric,
            avg(delta) AS control_delta, stddev_samp(delta) AS control_delta_sd,

@@ -52,6 +52,12 @@ for _name, _attr, _description in (
     ("all_k", "ALL_K", "every weight in the scope (upper bound on damage)"),
 ):
     SELECTIONS.add(_name, f"cwa.perturbation.builtin_selections:{_attr}", description=_description)
+# Clustered perturbation (issue 11): the members of a `cwa analyze clusters` cluster as treatment.
+SELECTIONS.add(
+    "cluster",
+    "cwa.analysis.cluster_selection:CLUSTER",
+    description="the members of cluster ID of a clusters analysis (treatment: cluster:ID)",
+)
 
 del _name, _attr, _description
 
