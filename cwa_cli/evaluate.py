@@ -58,6 +58,21 @@ def evaluate_cmd(
         int | None, typer.Option("--stride", help="Sliding-window perplexity with this stride.")
     ] = None,
     text_column: TextColumnOpt = None,
+    heldout_fraction: Annotated[
+        float | None,
+        typer.Option(
+            "--heldout-fraction",
+            help="Score only this last fraction of perplexity texts (automatic, with the "
+            "calibration run's fraction, when the text is the calibration text of RUN).",
+        ),
+    ] = None,
+    no_items: Annotated[
+        bool,
+        typer.Option("--no-items", help="Do not store per-item records (evaluation_items)."),
+    ] = False,
+    show_items: Annotated[
+        bool, typer.Option("--items", help="With --json, also print the per-item records.")
+    ] = False,
     force: Annotated[
         bool,
         typer.Option(
@@ -99,6 +114,8 @@ def evaluate_cmd(
         seq_len=seq_len,
         stride=stride,
         text_column=text_column,
+        heldout_fraction=heldout_fraction,
+        items=not no_items,
         force=force,
         experiment=experiment,
         command=command_line(),
@@ -107,7 +124,12 @@ def evaluate_cmd(
         outcome = run_evaluate(open_store(ctx), config, reporter=reporter, mlflow=mlflow_flag(ctx))
     rows = outcome.value
     if state(ctx).json:
-        _output.emit_json({"run_id": outcome.run_id, "results": rows})
+        payload = {"run_id": outcome.run_id, "results": rows}
+        if show_items:
+            from cwa.evaluation.records import evaluation_item_rows
+
+            payload["items"] = evaluation_item_rows(open_store(ctx), outcome.run_id)
+        _output.emit_json(payload)
         return
     _output.stdout.print(
         _output.table(
@@ -119,3 +141,5 @@ def evaluate_cmd(
             title=f"evaluate run {outcome.run_id}",
         )
     )
+    for note in dict.fromkeys(r["note"] for r in rows if r.get("note")):
+        _output.stdout.print(f"note: {note}", markup=False)

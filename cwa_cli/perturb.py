@@ -81,6 +81,9 @@ def perturb_cmd(
     experiment: Annotated[
         str | None, typer.Option("--experiment", "-e", help="Label (default: the rank run's).")
     ] = None,
+    no_items: Annotated[
+        bool, typer.Option("--no-items", help="Do not store per-item records.")
+    ] = False,
     list_methods: ListOpt = False,
 ) -> None:
     """Perturb the top-k weights of a rank run and matched controls; evaluate each condition.
@@ -122,6 +125,7 @@ def perturb_cmd(
         device=device,
         experiment=experiment,
         command=command_line(),
+        items=not no_items,
     )
     validate_config(config)
     with reporter_for(ctx) as reporter:

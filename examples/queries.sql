@@ -52,3 +52,11 @@ WITH top AS (
 SELECT a.run_id AS run_a, b.run_id AS run_b, count(*) / 100.0 AS overlap
 FROM top a JOIN top b ON a.parameter = b.parameter AND a.flat_index = b.flat_index
 WHERE a.run_id < b.run_id GROUP BY ALL ORDER BY ALL;
+
+-- name: topk_flipped_items
+-- Which HellaSwag / LAMBADA items did top_k flip (prediction differs from the run's baseline)?
+SELECT run_id, condition_id, k, task, item_index, baseline_prediction, prediction,
+       baseline_acc, acc
+FROM flipped_items
+WHERE selection = 'top_k'
+ORDER BY run_id, k, task, item_index;

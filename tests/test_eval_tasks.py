@@ -417,27 +417,43 @@ def window_nll_by_hand(model, tokens):
     return sum(-float(logprobs[t - 1, tokens[t]]) for t in range(1, len(tokens))), len(tokens) - 1
 
 
-def test_perplexity_non_overlapping_windows_on_heldout_tail(tok, model, tmp_path):
-    lines = write_corpus(tmp_path / "notes.txt", n_lines=40)
-    stream = stream_by_hand(tok, lines)
-    held = stream[math.floor(len(stream) * 0.9) :]  # the part calibration never uses
-    seq_len = 16
+def _nll_of_windows(model, tokens, seq_len):
     total, count = 0.0, 0
-    for begin in range(0, len(held), seq_len):
-        window = held[begin : begin + seq_len]
+    for begin in range(0, len(tokens), seq_len):
+        window = tokens[begin : begin + seq_len]
         if len(window) >= 2:
             s, c = window_nll_by_hand(model, window)
             total, count = total + s, count + c
+    return total, count
+
+
+def test_perplexity_scores_the_whole_file_by_default(tok, model, tmp_path):
+    # A dedicated evaluation file is scored in full (issue 9: it used to be its last 10%).
+    lines = write_corpus(tmp_path / "notes.txt", n_lines=40)
+    total, count = _nll_of_windows(model, stream_by_hand(tok, lines), 16)
     for bs in (1, 16):
         rows = rows_by_metric(
             evaluate_model(
-                model, tok, [f"perplexity:{tmp_path / 'notes.txt'}"], seq_len=seq_len, batch_size=bs
+                model, tok, [f"perplexity:{tmp_path / 'notes.txt'}"], seq_len=16, batch_size=bs
             ),
             "perplexity",
         )
         assert rows["tokens"]["value"] == count
         assert rows["nll"]["value"] == pytest.approx(total / count, abs=1e-5)
         assert rows["perplexity"]["value"] == pytest.approx(math.exp(total / count), rel=1e-5)
+        assert rows["tokens"]["note"] is None
+
+
+def test_perplexity_heldout_fraction_scores_only_the_tail(tok, model, tmp_path):
+    lines = write_corpus(tmp_path / "notes.txt", n_lines=40)
+    stream = stream_by_hand(tok, lines)
+    held = stream[math.floor(len(stream) * 0.75) :]  # the part calibration never uses
+    total, count = _nll_of_windows(model, held, 16)
+    plans = plan_tasks(f"perplexity:{tmp_path / 'notes.txt'}", seq_len=16, heldout_fraction=0.25)
+    rows = rows_by_metric(evaluate_model(model, tok, plans), "perplexity")
+    assert rows["tokens"]["value"] == count
+    assert rows["nll"]["value"] == pytest.approx(total / count, abs=1e-5)
+    assert "held-out part only: the last 25%" in rows["tokens"]["note"]
 
 
 def test_perplexity_stride_follows_hf_guide(tok, model, tmp_path, monkeypatch):

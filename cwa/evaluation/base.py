@@ -76,8 +76,14 @@ class EvalTask:
     #: hub spec used for the ``hf`` source and for non-toy models without a source.
     hub_default: ClassVar[str] = ""
     metrics: ClassVar[tuple[str, ...]] = ()
+    #: per-item records of the last ``run`` (see :mod:`cwa.evaluation.records`); tasks
+    #: without items (perplexity) leave it empty.
+    item_records: list[dict[str, Any]]
     #: options (``TaskPlan.options`` keys) that change this task's results.
     relevant_options: ClassVar[tuple[str, ...]] = ()
+
+    def __init__(self) -> None:
+        self.item_records = []
 
     def run(
         self,

@@ -111,8 +111,12 @@ class HellaSwagTask(EvalTask):
     relevant_options = ("add_bos_token",)
 
     def load(self, plan: TaskPlan) -> list[HellaSwagItem]:
+        return [item for _, item in self.load_indexed(plan)]
+
+    def load_indexed(self, plan: TaskPlan) -> list[tuple[int, HellaSwagItem]]:
+        """(index in the source, item) of the items to evaluate."""
         items = load_items(plan.source, item_from_record)
-        return [items[i] for i in subsample_indices(len(items), plan.limit, plan.seed)]
+        return [(i, items[i]) for i in subsample_indices(len(items), plan.limit, plan.seed)]
 
     def run(
         self,
@@ -125,7 +129,8 @@ class HellaSwagTask(EvalTask):
     ) -> list[MetricValue]:
         from cwa.evaluation.engine import TokenRequest, encode_pairs, score_requests
 
-        items = self.load(plan)
+        indexed = self.load_indexed(plan)
+        items = [item for _, item in indexed]
         pairs = [(item.query, " " + choice) for item in items for choice in item.choices]
         owners = [k for k, item in enumerate(items) for _ in item.choices]
         encoded = encode_pairs(tokenizer, pairs, add_bos_token=plan.options.get("add_bos_token"))
@@ -140,12 +145,24 @@ class HellaSwagTask(EvalTask):
         accs: list[float] = []
         acc_norms: list[float] = []
         pos = 0
-        for item in items:
+        for index, item in indexed:
             k = len(item.choices)
-            acc, acc_norm = choice_metrics(values[pos : pos + k], item.choices, item.gold)
+            choice_ll = values[pos : pos + k]
+            acc, acc_norm = choice_metrics(choice_ll, item.choices, item.gold)
             accs.append(acc)
             acc_norms.append(acc_norm)
             pos += k
+            prediction = max(range(k), key=lambda c, ll=choice_ll: (ll[c], -c))  # first max
+            self.item_records.append(
+                {
+                    "item_index": index,
+                    "gold": item.gold,
+                    "prediction": prediction,
+                    "acc": acc,
+                    "acc_norm": acc_norm,
+                    "choice_loglik": choice_ll,
+                }
+            )
         n = len(items)
         return [
             MetricValue("acc", sum(accs) / n, mean_stderr(accs), n),

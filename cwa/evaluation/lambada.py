@@ -71,8 +71,12 @@ class LambadaTask(EvalTask):
     relevant_options = ("add_bos_token",)
 
     def load(self, plan: TaskPlan) -> list[LambadaItem]:
+        return [item for _, item in self.load_indexed(plan)]
+
+    def load_indexed(self, plan: TaskPlan) -> list[tuple[int, LambadaItem]]:
+        """(index in the source, item) of the items to evaluate."""
         items = load_items(plan.source, item_from_record)
-        return [items[i] for i in subsample_indices(len(items), plan.limit, plan.seed)]
+        return [(i, items[i]) for i in subsample_indices(len(items), plan.limit, plan.seed)]
 
     def run(
         self,
@@ -85,7 +89,8 @@ class LambadaTask(EvalTask):
     ) -> list[MetricValue]:
         from cwa.evaluation.engine import TokenRequest, encode_pairs, score_requests
 
-        items = self.load(plan)
+        indexed = self.load_indexed(plan)
+        items = [item for _, item in indexed]
         encoded = encode_pairs(
             tokenizer,
             [(item.context, item.target) for item in items],
@@ -99,6 +104,18 @@ class LambadaTask(EvalTask):
         )
         lls = logliks.tolist()
         accs = [float(g) for g in greedy.tolist()]
+        # The target is the one right answer: gold = 1, prediction = 1 when decoded greedily.
+        self.item_records = [
+            {
+                "item_index": index,
+                "gold": 1,
+                "prediction": int(acc),
+                "acc": acc,
+                "target_loglik": ll,
+                "greedy": bool(acc),
+            }
+            for (index, _), ll, acc in zip(indexed, lls, accs, strict=True)
+        ]
         n = len(items)
         mean_ll = sum(lls) / n
         ppl = math.exp(-mean_ll) if mean_ll > -700 else math.inf

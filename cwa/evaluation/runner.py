@@ -15,7 +15,7 @@ from cwa.evaluation.base import TASKS, TaskPlan
 from cwa.evaluation.tasks import plan_tasks
 from cwa.progress import NULL_REPORTER, Reporter
 
-ROW_KEYS = ("task", "metric", "value", "stderr", "n", "task_config_hash")
+ROW_KEYS = ("task", "metric", "value", "stderr", "n", "task_config_hash", "note")
 
 
 def evaluate_model(
@@ -32,6 +32,7 @@ def evaluate_model(
     reporter: Reporter | None = None,
     add_bos_token: bool | None = None,
     text_column: str | None = None,
+    item_sink: list[dict[str, Any]] | None = None,
 ) -> list[dict[str, Any]]:
     """Evaluate ``model`` on each task and return one row per (task, metric).
 
@@ -40,7 +41,9 @@ def evaluate_model(
     ``seq_len``, ``stride``, ``is_toy_model``, ``add_bos_token`` and ``text_column`` are
     taken from the plans). Rows: ``task, metric, value, stderr, n, task_config_hash``; stderr
     is None where it is undefined (fewer than 2 items). A non-finite value is returned as is
-    and reported through ``reporter.warn``.
+    and reported through ``reporter.warn``. Rows carry ``note`` (what part of a perplexity
+    text was scored, when not all of it). ``item_sink``: a list that receives one dict per
+    evaluated item (HellaSwag, LAMBADA) with ``task`` and ``task_config_hash`` added.
     """
     reporter = reporter or NULL_REPORTER
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
@@ -66,7 +69,15 @@ def evaluate_model(
     for plan in plans:
         task = TASKS.get(plan.task)()
         reporter.info(f"evaluating {plan.task} on {plan.source.describe()}")
+        note = plan.options.get("note")
+        if note:
+            reporter.info(f"{plan.task}: {note}")
         values = task.run(model, tokenizer, plan, batch_size=batch_size, reporter=reporter)
+        if item_sink is not None:
+            item_sink += [
+                {"task": plan.task, **item, "task_config_hash": plan.config_hash}
+                for item in task.item_records
+            ]
         for v in values:
             if v.value != v.value or v.value in (float("inf"), float("-inf")):
                 reporter.warn(f"{plan.task} {v.metric} is {v.value} (the model output diverged)")
@@ -78,6 +89,7 @@ def evaluate_model(
                     "stderr": None if v.stderr is None else float(v.stderr),
                     "n": int(v.n),
                     "task_config_hash": plan.config_hash,
+                    "note": note,
                 }
             )
     return rows

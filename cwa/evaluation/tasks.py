@@ -10,9 +10,11 @@ task name and version, the harness version matched (HellaSwag/LAMBADA), the sour
 (content sha256 of a toy or local file -- not its path --, the normalised spec of a hub
 dataset), ``limit``, ``seed`` (only when ``limit`` subsamples; without a limit the seed changes
 nothing) and the options that change the task's numbers (perplexity: ``seq_len`` -- ``"auto"``
-when left to the model --, ``stride``, ``text_column``, ``heldout_fraction``; HellaSwag and
-LAMBADA: ``add_bos_token``). Batch size and reporter do not enter it. Combined with the model
-fingerprint it identifies a result that can be reused. Planning needs no model and no torch.
+when left to the model --, ``stride``, ``text_column``, ``heldout_fraction``,
+``add_bos_token``; HellaSwag and LAMBADA: ``add_bos_token``). Batch size and reporter do not
+enter it. Combined with the evaluation key (:mod:`cwa.evaluation.identity`: weights, tokenizer,
+dtype, attention, engine version) it identifies a result that can be reused. Planning needs no
+model and no torch.
 """
 
 from __future__ import annotations
@@ -37,7 +39,7 @@ from cwa.evaluation.base import (
     TaskPlan,
     check_limit,
 )
-from cwa.evaluation.perplexity import PerplexityTask
+from cwa.evaluation.perplexity import HELDOUT_FRACTION, PerplexityTask
 
 __all__ = ["TASKS", "TaskPlan", "config_hash", "parse_task_spec", "plan_tasks", "split_specs"]
 
@@ -101,6 +103,44 @@ def config_hash(config: dict[str, Any]) -> str:
     return hashlib.sha256(canonical.encode("utf-8")).hexdigest()
 
 
+def perplexity_scope(
+    source: SourceRef,
+    text_column: str | None,
+    heldout_fraction: float | None,
+    calibration: Sequence[dict[str, Any]],
+) -> tuple[float, str | None]:
+    """(fraction of the stream to score from its end, note for the user).
+
+    1.0 (the whole text) unless the source is a calibration text of the evaluated run --
+    then its held-out tail, with that run's fraction -- or ``heldout_fraction`` is explicit.
+    """
+    from cwa.data.calibration import source_match_key
+
+    sha = source.identity.get("sha256")
+    location = source.location
+    if source.kind == "hf" and text_column:
+        parts = parse_hf_spec(location, with_column=True)
+        parts["column"] = text_column
+        location = "hf:" + ":".join(
+            str(parts[k]) for k in ("name", "config", "split", "column") if parts[k]
+        )
+    key = source_match_key(source.kind, location, sha)
+    for record in calibration:
+        if record.get("match_key") == key:
+            recorded = record.get("heldout_fraction") or HELDOUT_FRACTION
+            fraction = heldout_fraction or float(recorded)
+            return fraction, (
+                f"held-out part only: the last {fraction:.0%} of {source.describe()}, which is "
+                f"the calibration text of run {record.get('run_id', '?')}"
+            )
+    if heldout_fraction is not None:
+        return heldout_fraction, (
+            f"held-out part only: the last {heldout_fraction:.0%} of {source.describe()} "
+            "(--heldout-fraction)"
+        )
+    return 1.0, None
+
+
 def _check_positive(name: str, value: int | None, minimum: int) -> int | None:
     if value is None:
         return None
@@ -119,9 +159,20 @@ def plan_tasks(
     is_toy_model: bool = False,
     add_bos_token: bool | None = None,
     text_column: str | None = None,
+    heldout_fraction: float | None = None,
+    calibration: Sequence[dict[str, Any]] = (),
 ) -> list[TaskPlan]:
-    """Resolve specs into plans (sources located and hashed, options validated)."""
+    """Resolve specs into plans (sources located and hashed, options validated).
+
+    ``calibration``: records of the calibration text(s) of the runs being evaluated
+    (``{"match_key", "heldout_fraction", "run_id"}``, see :func:`perplexity_scope`);
+    ``heldout_fraction``: an explicit ``--heldout-fraction`` for perplexity.
+    """
     limit = check_limit(limit)
+    if heldout_fraction is not None and not 0.0 < heldout_fraction < 1.0:
+        raise InvalidInput(
+            f"--heldout-fraction must be between 0 and 1 (exclusive), got {heldout_fraction}"
+        )
     seq_len = _check_positive("seq-len", seq_len, 2)
     stride = _check_positive("stride", stride, 1)
     if seq_len is not None and stride is not None and stride > seq_len:
@@ -133,11 +184,14 @@ def plan_tasks(
         source = resolve_source(task, source_text, is_toy_model=is_toy_model)
         options: dict[str, Any] = {"add_bos_token": add_bos_token}
         if issubclass(task, PerplexityTask):
+            fraction, note = perplexity_scope(source, text_column, heldout_fraction, calibration)
             options = {
                 "seq_len": seq_len,
                 "stride": stride,
                 "text_column": text_column,
-                "heldout_fraction": task.heldout_fraction(source.kind, source.is_default_hub),
+                "heldout_fraction": fraction,
+                "add_bos_token": add_bos_token,
+                "note": note,
             }
         config: dict[str, Any] = {
             "task": task.name,

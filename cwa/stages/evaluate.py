@@ -1,8 +1,14 @@
 """The ``evaluate`` stage: perplexity, HellaSwag and LAMBADA on a plain model.
 
-Results go to the ``evaluations`` table (condition NULL). A task whose exact config (same model
-fingerprint, same task config hash) was already evaluated in this store is reused rather than
-recomputed, unless ``force`` is set; reused rows name the run they came from.
+Results go to the ``evaluations`` table (condition NULL) and, per item, to
+``evaluation_items`` (unless ``items=False``). A task whose exact config was already evaluated
+in this store -- same evaluation key (weights, config, tokenizer, BOS, dtype, attention,
+engine version: :mod:`cwa.evaluation.identity`) and same task config hash -- is reused rather
+than recomputed, unless ``force`` is set; reused rows name the run they came from.
+
+Perplexity on a file scores the whole file, unless the file is the calibration text of the
+run named by ``from_run`` / ``calibration_run`` (or one of its ancestors): then only its
+held-out tail is scored and the row's ``note`` says so (``heldout_fraction`` forces that).
 """
 
 from __future__ import annotations
@@ -15,6 +21,7 @@ from cwa.lifecycle import RunContext, RunOutcome, StageOutput, StageRequest, exe
 from cwa.progress import Reporter
 from cwa.stages.common import (
     ModelOptions,
+    calibration_records,
     check_positive,
     is_toy_ref,
     stored_evaluation,
@@ -39,14 +46,19 @@ class EvaluateConfig:
     force: bool = False
     experiment: str = "default"
     command: str | None = None
+    items: bool = True  # per-item records in evaluation_items
+    heldout_fraction: float | None = None  # force held-out scoring of perplexity texts
+    calibration_run: str | None = None  # a run whose calibration text perplexity holds out
 
 
-def plan_for(config: EvaluateConfig) -> list[Any]:
+def plan_for(config: EvaluateConfig, calibration: list[dict[str, Any]] | None = None) -> list[Any]:
     """Resolve and validate the task specs (sources located and hashed) without a model."""
     from cwa.evaluation.tasks import plan_tasks
 
     return plan_tasks(
         config.tasks,
+        heldout_fraction=config.heldout_fraction,
+        calibration=calibration or [],
         limit=config.limit,
         seed=config.seed,
         seq_len=config.seq_len,
@@ -64,27 +76,44 @@ def evaluate_plans(
     batch_size: int,
     force: bool,
     reporter: Reporter,
+    items: Any = None,
 ) -> list[dict[str, Any]]:
-    """Rows for every planned task: reused from the store when possible, computed otherwise."""
-    from cwa.evaluation.runner import evaluate_model
+    """Rows for every planned task: reused from the store when possible, computed otherwise.
 
+    ``items``: an :class:`~cwa.evaluation.records.ItemRecorder` that receives the per-item
+    records (computed, or copied from the run whose result is reused).
+    """
+    from cwa.evaluation.identity import evaluation_key
+    from cwa.evaluation.records import ItemRecorder
+
+    recorder = items if items is not None else ItemRecorder(enabled=False)
+    key = evaluation_key(loaded)
     rows: list[dict[str, Any]] = []
     for plan in plans:
-        stored = None if force else stored_evaluation(store, loaded.fingerprint, plan.config_hash)
+        stored = (
+            None if force else stored_evaluation(store, loaded.fingerprint, plan.config_hash, key)
+        )
         if stored is not None:
             source_run, stored_rows = stored
             reporter.info(
                 f"{plan.task}: reusing results of run {source_run} (use --force to recompute)"
             )
             rows += [{**row, "reused_from": source_run} for row in stored_rows]
+            recorder.copy_stored(store, source_run, plan.config_hash)
             continue
-        for row in evaluate_model(
-            loaded.model, loaded.tokenizer, [plan], batch_size=batch_size, reporter=reporter
+        for row in recorder.evaluate(
+            loaded.model,
+            loaded.tokenizer,
+            [plan],
+            condition_id=None,
+            batch_size=batch_size,
+            reporter=reporter,
         ):
             rows.append({**row, "reused_from": None})
     for row in rows:
         row["condition_id"] = None
         row["model_fingerprint"] = loaded.fingerprint
+        row["eval_key"] = key
     return rows
 
 
@@ -116,7 +145,12 @@ def run_evaluate(
             )
         config.model.ref = source.model_ref
         parents.append((run_id, "model"))
-    plans = plan_for(config)
+    calibration_ids = [p for p, _ in parents]
+    if config.calibration_run is not None:
+        with store.read() as con:
+            calib_id = resolve_run_id(con, config.calibration_run, store_label=store.label)
+        calibration_ids.append(calib_id)
+    plans = plan_for(config, calibration_records(store, calibration_ids))
     if loaded is None:  # load before registering: a bad model reference leaves no run behind
         from cwa.models.loading import load_model
 
@@ -143,8 +177,12 @@ def run_evaluate(
     )
 
     def compute(ctx: RunContext) -> StageOutput:
+        from cwa.evaluation.identity import evaluation_identity
+        from cwa.evaluation.records import ItemRecorder
+
         model = loaded
         ctx.set_model(config.model.ref, model.fingerprint, model.device)
+        recorder = ItemRecorder(enabled=config.items)
         rows = evaluate_plans(
             model,
             plans,
@@ -152,8 +190,11 @@ def run_evaluate(
             batch_size=config.batch_size,
             force=config.force,
             reporter=ctx.reporter,
+            items=recorder,
         )
+        ctx.record_config(evaluation_identity=evaluation_identity(model))
         metrics = {f"{r['task']}.{r['metric']}": r["value"] for r in rows}
-        return StageOutput(tables={"evaluations": rows}, metrics=metrics, value=rows)
+        tables = {"evaluations": rows, **recorder.tables()}
+        return StageOutput(tables=tables, metrics=metrics, value=rows)
 
     return execute_stage(store, request, compute, reporter=reporter, mlflow=mlflow)

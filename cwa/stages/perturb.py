@@ -29,7 +29,12 @@ from typing import Any
 from cwa.errors import InvalidInput, UsageError
 from cwa.lifecycle import RunContext, RunOutcome, StageOutput, execute_stage
 from cwa.progress import NULL_REPORTER, Reporter
-from cwa.stages.common import check_positive, is_toy_ref, stored_evaluation
+from cwa.stages.common import (
+    calibration_records,
+    check_positive,
+    is_toy_ref,
+    stored_evaluation,
+)
 from cwa.stages.setup import load_source_model, stage_request
 from cwa.store import Store
 from cwa.store.runs import RunRecord
@@ -57,6 +62,7 @@ class PerturbConfig:
     device: str = "auto"
     experiment: str | None = None
     command: str | None = None
+    items: bool = True  # per-item records in evaluation_items (issue 9; --no-items)
     treatment: str = "top_k"
 
 
@@ -246,6 +252,7 @@ def prepare_perturb(
         limit=config.limit,
         seed=config.eval_seed,
         is_toy_model=is_toy_ref(score_run.model_ref),
+        calibration=calibration_records(store, [score_run.run_id]),  # issue 9: hold it out
     )
     names = [plan.task for plan in plans]
     if len(set(names)) != len(names):
@@ -359,7 +366,7 @@ def _score_reader(path: Any) -> Any:
 def _compute(
     ctx: RunContext, store: Store, config: PerturbConfig, plan: PerturbPlan
 ) -> StageOutput:
-    from cwa.evaluation.runner import evaluate_model
+    from cwa.evaluation.records import ItemRecorder
     from cwa.perturbation.sweep import SweepInputs, plan_conditions, run_sweep
     from cwa.stages.evaluate import evaluate_plans
     from cwa.stages.score import SCORE_FILE
@@ -371,6 +378,8 @@ def _compute(
     ctx.record_config(scope=scope_record)
     # Baseline: reused from a stored evaluation of this exact model and task config when there
     # is one (recorded as a 'baseline' parent), evaluated here otherwise.
+    # Per-item records (issue 9): baseline and every condition, unless --no-items.
+    items = ItemRecorder(enabled=getattr(config, "items", True))
     rows = evaluate_plans(
         loaded,
         plan.plans,
@@ -378,10 +387,11 @@ def _compute(
         batch_size=config.batch_size,
         force=False,
         reporter=reporter,
+        items=items,
     )
 
     def evaluate() -> list[dict[str, Any]]:
-        return evaluate_model(
+        return items.evaluate_condition(
             loaded.model,
             loaded.tokenizer,
             plan.plans,
@@ -429,6 +439,7 @@ def _compute(
             "evaluations": rows,
             "perturbation_conditions": _conditions_frame(result.conditions),
             "condition_groups": _groups_frame(result.groups),
+            **items.tables(result.conditions),
         },
         metrics=metrics,
         value={"summary": summary, "conditions": result.conditions, "rows": rows},

@@ -127,7 +127,13 @@ def run_pipeline(
     reporter.info("[3/4] evaluate the unperturbed model")
     evaluate = run_evaluate(
         store,
-        EvaluateConfig(model=config.model, tasks=config.tasks, limit=config.limit, **common),
+        EvaluateConfig(
+            model=config.model,
+            tasks=config.tasks,
+            limit=config.limit,
+            calibration_run=score.run_id,  # perplexity holds out the calibration text
+            **common,
+        ),
         reporter=reporter,
         mlflow=mlflow,
         loaded=loaded,
