@@ -6,8 +6,15 @@
    the run ``succeeded`` in that same transaction: a crash never leaves half-written results.
 4. Mirror the run to MLflow (after DuckDB is written; a mirror failure is only a warning).
 
-An exception marks the run ``failed`` with the error text, Ctrl-C (KeyboardInterrupt) marks it
-``interrupted``; both are re-raised for the caller to handle.
+An exception marks the run ``failed`` with the error text, Ctrl-C (KeyboardInterrupt) and
+SIGTERM (what SLURM and Kubernetes send before killing a job) mark it ``interrupted``; both are
+re-raised for the caller to handle (SIGTERM as :class:`Terminated`, a KeyboardInterrupt).
+
+Failed or interrupted while computing: the run's partial artifacts are removed. Failed while
+writing the results: nothing is removed; the results wait in ``artifacts/<run_id>/.pending``
+and ``cwa runs recover RUN`` writes them (:mod:`cwa.recovery`). A run whose process vanished
+(SIGKILL) is marked ``interrupted`` by the next registration, which also removes its partial
+artifact folder unless it holds pending results.
 """
 
 from __future__ import annotations
@@ -16,7 +23,9 @@ import hashlib
 import json
 import os
 import shutil
+import signal
 import socket
+import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -31,6 +40,10 @@ from cwa.provenance import git_sha, library_versions
 from cwa.store.ids import new_run_id
 from cwa.store.runs import RunRecord, fetch_run, insert_run, mark_stale_runs
 from cwa.store.store import Store
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM arrived while a stage ran: handled like Ctrl-C (the run becomes interrupted)."""
 
 
 @dataclass
@@ -142,16 +155,47 @@ def register_run(store: Store, request: StageRequest) -> RunRecord:
         parents=list(request.parents),
     )
     with store.write() as con:
-        mark_stale_runs(con)
+        _mark_stale(store, con)
         for parent, _role in record.parents:
             fetch_run(con, parent)  # raises RunNotFound
         insert_run(con, record)
     return record
 
 
-def _finish(store: Store, run_id: str, status: str, started: float, error: str | None) -> None:
-    # A failed or interrupted run keeps no partial artifacts (e.g. a half-written score file).
-    shutil.rmtree(store.artifacts_dir(run_id), ignore_errors=True)
+def _mark_stale(store: Store, con: Any) -> None:
+    """Mark runs of vanished processes interrupted and drop their partial artifact folders
+    (kept when they hold pending results: those can still be recovered)."""
+    from cwa.recovery import has_pending
+
+    def running() -> set[str]:
+        rows = con.execute(
+            "SELECT run_id FROM runs WHERE status = 'running' AND hostname = ?",
+            [socket.gethostname()],
+        ).fetchall()
+        return {row[0] for row in rows}
+
+    before = running()
+    if not before:
+        return
+    mark_stale_runs(con)
+    for run_id in before - running():
+        if not has_pending(store, run_id):
+            shutil.rmtree(store.artifacts_dir(run_id), ignore_errors=True)
+
+
+def _finish(
+    store: Store,
+    run_id: str,
+    status: str,
+    started: float,
+    error: str | None,
+    *,
+    keep_artifacts: bool = False,
+) -> None:
+    # A run failed or interrupted while computing keeps no partial artifacts (e.g. a
+    # half-written score file); one that failed while writing keeps them for recovery.
+    if not keep_artifacts:
+        shutil.rmtree(store.artifacts_dir(run_id), ignore_errors=True)
     with store.write() as con:
         con.execute(
             "UPDATE runs SET status = ?, finished_at = ?, duration_s = ?, error = ? "
@@ -175,51 +219,75 @@ def _to_arrow(rows: Any, run_id: str) -> Any:
 
 
 def write_results(store: Store, ctx: RunContext, output: StageOutput, started: float) -> None:
-    """All result rows, metrics, artifacts and the success mark in one transaction."""
+    """All result rows, metrics, artifacts and the success mark in one transaction.
+
+    The results are first saved under ``artifacts/<run_id>/.pending`` (removed once written), so
+    a failing write loses nothing: ``cwa runs recover`` writes them later.
+    """
+    from cwa.recovery import PendingResults, discard_pending, save_pending
+
+    tables = {}
+    for table, rows in output.tables.items():
+        if rows is None or (isinstance(rows, list) and not rows):
+            continue
+        arrow = _to_arrow(rows, ctx.run_id)
+        if arrow.num_rows:
+            tables[table] = arrow
+    pending = PendingResults(
+        run_id=ctx.run_id,
+        tables=tables,
+        metrics={k: None if v is None else float(v) for k, v in output.metrics.items()},
+        config=ctx.request.config,
+        model_ref=ctx.model_ref,
+        model_fingerprint=ctx.model_fingerprint,
+        device=ctx.device,
+        duration_s=time.monotonic() - started,
+        artifact_kinds=dict(ctx.artifact_kinds),
+    )
+    save_pending(store, pending)
+    write_pending(store, pending)
+    discard_pending(store, ctx.run_id)
+
+
+def write_pending(store: Store, pending: Any) -> None:
+    """Insert a run's :class:`~cwa.recovery.PendingResults` and mark it succeeded (one
+    transaction; the artifact list excludes the pending folder itself)."""
+    from cwa.recovery import PENDING_DIR
+
     artifacts = []
-    folder = store.artifacts_dir(ctx.run_id)
+    folder = store.artifacts_dir(pending.run_id)
     if folder.exists():
         for path in sorted(p for p in folder.rglob("*") if p.is_file()):
             name = path.relative_to(folder).as_posix()
-            artifacts.append(
-                (
-                    ctx.run_id,
-                    name,
-                    ctx.artifact_kinds.get(name, _guess_kind(name)),
-                    path.stat().st_size,
-                    _sha256(path),
-                )
-            )
+            if name.split("/")[0] == PENDING_DIR:
+                continue
+            kind = pending.artifact_kinds.get(name, _guess_kind(name))
+            artifacts.append((pending.run_id, name, kind, path.stat().st_size, _sha256(path)))
     with store.write() as con:
-        for table, rows in output.tables.items():
-            if rows is None or (isinstance(rows, list) and not rows):
-                continue
-            arrow = _to_arrow(rows, ctx.run_id)
-            if arrow.num_rows == 0:
-                continue
+        for table, arrow in pending.tables.items():
             con.register("_cwa_rows", arrow)
             try:
                 con.execute(f'INSERT INTO "{table}" BY NAME SELECT * FROM _cwa_rows')
             finally:
                 con.unregister("_cwa_rows")
-        for name, value in output.metrics.items():
+        for name, value in pending.metrics.items():
             con.execute(
                 "INSERT INTO run_metrics VALUES (?, ?, ?)",
-                [ctx.run_id, name, None if value is None else float(value)],
+                [pending.run_id, name, None if value is None else float(value)],
             )
         if artifacts:
             con.executemany("INSERT INTO run_artifacts VALUES (?, ?, ?, ?, ?)", artifacts)
         con.execute(
-            "UPDATE runs SET status = 'succeeded', finished_at = ?, duration_s = ?, "
+            "UPDATE runs SET status = 'succeeded', finished_at = ?, duration_s = ?, error = NULL, "
             "model_ref = ?, model_fingerprint = ?, device = ?, config = ? WHERE run_id = ?",
             [
                 _now(),
-                time.monotonic() - started,
-                ctx.model_ref,
-                ctx.model_fingerprint,
-                ctx.device,
-                json.dumps(ctx.request.config, sort_keys=True, default=str),
-                ctx.run_id,
+                pending.duration_s,
+                pending.model_ref,
+                pending.model_fingerprint,
+                pending.device,
+                json.dumps(pending.config, sort_keys=True, default=str),
+                pending.run_id,
             ],
         )
 
@@ -253,6 +321,24 @@ def _error_text(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 
 
+class _SigtermAsInterrupt:
+    """While a stage runs in the main thread, SIGTERM raises :class:`Terminated`."""
+
+    def __enter__(self) -> _SigtermAsInterrupt:
+        self.previous: Any = None
+        if threading.current_thread() is threading.main_thread():
+
+            def handler(signum: int, frame: Any) -> None:
+                raise Terminated("terminated by SIGTERM")
+
+            self.previous = signal.signal(signal.SIGTERM, handler)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.previous is not None:
+            signal.signal(signal.SIGTERM, self.previous)
+
+
 def execute_stage(
     store: Store,
     request: StageRequest,
@@ -263,26 +349,33 @@ def execute_stage(
 ) -> RunOutcome:
     """Run one stage through the full lifecycle and return its outcome.
 
-    Exceptions from ``compute`` (or from writing results) mark the run failed and propagate;
-    KeyboardInterrupt marks it interrupted and propagates.
+    Exceptions from ``compute`` mark the run failed (artifacts removed) and propagate; a failure
+    of the final write marks it failed with the reason and keeps the computed results for
+    ``cwa runs recover``; KeyboardInterrupt and SIGTERM mark it interrupted and propagate.
     """
     reporter = reporter or NULL_REPORTER
     record = register_run(store, request)
     ctx = RunContext(store, record.run_id, request, reporter)
     started = time.monotonic()
-    try:
-        output = compute(ctx)
-        if not isinstance(output, StageOutput):
-            raise TypeError(
-                f"stage {request.stage} returned {type(output).__name__}, not StageOutput"
-            )
-        write_results(store, ctx, output, started)
-    except KeyboardInterrupt:
-        _finish(store, record.run_id, "interrupted", started, "interrupted by the user (Ctrl-C)")
-        raise
-    except BaseException as exc:
-        _finish(store, record.run_id, "failed", started, _error_text(exc))
-        raise
+    with _SigtermAsInterrupt():
+        try:
+            output = compute(ctx)
+            if not isinstance(output, StageOutput):
+                raise TypeError(
+                    f"stage {request.stage} returned {type(output).__name__}, not StageOutput"
+                )
+        except KeyboardInterrupt as exc:
+            how = "SIGTERM" if isinstance(exc, Terminated) else "the user (Ctrl-C)"
+            _finish(store, record.run_id, "interrupted", started, f"interrupted by {how}")
+            raise
+        except BaseException as exc:
+            _finish(store, record.run_id, "failed", started, _error_text(exc))
+            raise
+        try:
+            write_results(store, ctx, output, started)
+        except BaseException as exc:
+            _fail_write(store, record.run_id, started, exc)
+            raise
     mlflow_run_id = None
     if _mlflow_enabled(mlflow):
         from cwa.mlflow_mirror import mirror_run
@@ -297,3 +390,24 @@ def execute_stage(
         mlflow_run_id=mlflow_run_id,
         value=output.value,
     )
+
+
+def _fail_write(store: Store, run_id: str, started: float, exc: BaseException) -> None:
+    """The final write failed: keep the results, mark the run failed when the store lets us."""
+    from cwa.recovery import has_pending
+
+    if has_pending(store, run_id):
+        reason = (
+            f"writing the results failed ({_error_text(exc)}); the computed results are kept "
+            f"in {store.artifacts_dir(run_id)}: run `cwa runs recover {run_id}` once the store "
+            "is free"
+        )
+    else:
+        reason = f"writing the results failed ({_error_text(exc)})"
+    status = "interrupted" if isinstance(exc, KeyboardInterrupt) else "failed"
+    try:
+        _finish(store, run_id, status, started, reason, keep_artifacts=True)
+    except Exception:
+        # The store is still unavailable: the run stays 'running' until the next registration
+        # marks it interrupted (its pending results are kept and can be recovered).
+        pass

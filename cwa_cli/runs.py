@@ -6,7 +6,7 @@ import json
 
 import typer
 
-from cwa_cli import _output, runs_manage
+from cwa_cli import _output, runs_manage, runs_recover
 from cwa_cli._boundary import error_boundary, fail
 from cwa_cli._options import ExperimentOpt, LimitOpt, RunRef, StageOpt, StatusOpt
 from cwa_cli._state import state
@@ -15,6 +15,7 @@ app = typer.Typer(help="List, inspect and delete runs in the store.", no_args_is
 app.command("compare")(runs_manage.compare_cmd)
 app.command("tag")(runs_manage.tag_cmd)
 app.command("export")(runs_manage.export_cmd)
+app.command("recover")(runs_recover.recover_cmd)
 
 _STATUS_STYLE = {
     "succeeded": "green",
