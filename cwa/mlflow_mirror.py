@@ -168,6 +168,17 @@ def _links(con: Any, client: Any, run: RunRecord) -> dict[str, str]:
     return links
 
 
+def source_name(run: RunRecord) -> str:
+    """The command and cwa version, as the run's MLflow source.
+
+    The MLflow UI shows only the last path component of a local source, so path arguments are
+    shortened to their file names here (the full command is in the description).
+    """
+    command = run.command or f"cwa {run.stage}"
+    words = [Path(w).name if "/" in w and not w.startswith("hf:") else w for w in command.split()]
+    return f"{' '.join(words)} (cwa {run.cwa_version})"[:500]
+
+
 def _tags(run: RunRecord, store: Store, user_tags: dict[str, str], note: str) -> dict[str, str]:
     tags = {
         "cwa.stage": run.stage,
@@ -182,7 +193,7 @@ def _tags(run: RunRecord, store: Store, user_tags: dict[str, str], note: str) ->
         "cwa.version": run.cwa_version,
         "mlflow.runName": run_name(run),
         "mlflow.source.type": "LOCAL",
-        "mlflow.source.name": f"{run.command or 'cwa ' + run.stage} (cwa {run.cwa_version})"[:500],
+        "mlflow.source.name": source_name(run),
         "mlflow.note.content": note,
         "mlflow.user": os.environ.get("USER", "") or "cwa",
     }

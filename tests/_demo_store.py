@@ -7,6 +7,7 @@ for one test (tests that write get their own).
 
 from __future__ import annotations
 
+import dataclasses
 import shutil
 from pathlib import Path
 
@@ -32,6 +33,10 @@ def demo_template(tmp_path_factory: pytest.TempPathFactory, toy_cache_dir: Path)
             mp.setenv("HF_HUB_OFFLINE", "1")
             try:
                 config = demo_config(seeds=[0, 1], limit=12, command="cwa demo --limit 12")
+                if hasattr(config, "analyses"):
+                    # The score -> rank -> evaluate -> perturb chain only: the analysis and
+                    # report stages have their own tests; their tables exist here, empty.
+                    config = dataclasses.replace(config, analyses=type(config.analyses)())
                 run_demo(Store.open(path), config, mlflow=False)
             finally:
                 torch.set_num_threads(threads)
