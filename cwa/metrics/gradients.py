@@ -2,8 +2,12 @@
 
 ``grad_x_weight`` = |w * dL/dw| with L the calibration loss (see :mod:`cwa.metrics.base`).
 Each batch's summed NLL is divided by N, the number of target tokens in the whole set, before
-``backward``; ``.grad`` therefore accumulates exactly dL/dw across batches, whatever the batch
-sizes and padding. Only selected parameters require grad during the pass.
+``backward``; the batch gradients therefore sum to exactly dL/dw, whatever the batch sizes and
+padding. The sum is kept in float32 for every parameter dtype: float32 parameters accumulate in
+``.grad``; bf16/fp16 parameters move each batch's gradient into a float32 sum (a bf16 ``.grad``
+would round every partial sum to 8 bits of mantissa). Only selected parameters require grad
+during the pass. Every gradient metric accumulates in float32 (``grad_squared`` and the
+Hessian metrics square / multiply float32 copies of each gradient).
 
 ``grad_squared`` is the empirical Fisher diagonal: the mean over *examples* of the squared
 per-example gradient, never the square of a summed gradient. An example is one calibration
@@ -39,10 +43,16 @@ def _grad_x_weight(ctx: ScoringContext) -> Iterator[tuple[str, torch.Tensor]]:
     names = list(ctx.selected)
     params = [ctx.parameters[n] for n in names]
     device = ctx.device
+    # float32 parameters accumulate in .grad directly (no extra memory). Half-precision ones
+    # would sum the batches in bf16/fp16 (about 3 significant digits, and each addition rounds
+    # again): their per-batch gradient is moved into a float32 accumulator instead.
+    in_float32 = all(p.dtype == torch.float32 for p in params)
+    sums: list[torch.Tensor | None] = [None] * len(params)
     ctx.config.update(
         definition="|w * dL/dw|",
         loss=LOSS_DEFINITION,
-        accumulation="backward of (batch NLL sum / N) accumulated in .grad (exact full-set mean)",
+        accumulation="backward of (batch NLL sum / N) accumulated over batches in float32 "
+        "(exact full-set mean)",
     )
     total = torch.zeros((), dtype=torch.float64)
     with gradients_only_for(ctx.model, params):
@@ -54,22 +64,40 @@ def _grad_x_weight(ctx: ScoringContext) -> Iterator[tuple[str, torch.Tensor]]:
                 check_finite_loss(batch_sum.detach(), f"batch {index}")
                 (batch_sum / n_targets).backward()
                 total += batch_sum.detach().double().cpu()
+                if not in_float32:
+                    _move_into_float32(params, sums)
                 handle.advance()
         finally:
             handle.close()
         ctx.loss, ctx.n_tokens, ctx.n_sequences = float(total / n_targets), n_targets, n_sequences
-        for name, param in zip(names, params, strict=True):
-            grad, param.grad = param.grad, None  # the gradient is ours now; freed after use
+        for i, (name, param) in enumerate(zip(names, params, strict=True)):
+            if in_float32:
+                grad, param.grad = param.grad, None  # the gradient is ours now
+            else:
+                grad, sums[i] = sums[i], None
             if grad is None:  # parameter not reached by the loss
                 score = torch.zeros(param.shape, dtype=torch.float32, device=param.device)
-            elif grad.dtype == torch.float32:
+            elif param.dtype == torch.float32:
                 # Build the score in the gradient's own memory: no extra full-size tensor.
                 score = grad.mul_(param.detach()).abs_()
             else:
-                score = (param.detach().float() * grad.float()).abs_()
+                score = grad.mul_(param.detach().float()).abs_()
             del grad
             yield name, score
             del score  # the driver has written it; do not hold it while building the next
+
+
+def _move_into_float32(params: list[torch.nn.Parameter], sums: list[torch.Tensor | None]) -> None:
+    """Add each parameter's (half-precision) batch gradient to its float32 sum; clear .grad."""
+    for i, param in enumerate(params):
+        grad = param.grad
+        if grad is None:
+            continue
+        if sums[i] is None:
+            sums[i] = grad.float()
+        else:
+            sums[i].add_(grad)  # promotes to float32 inside the add: no rounded bf16 sum
+        param.grad = None
 
 
 def _grad_squared(ctx: ScoringContext) -> Iterator[tuple[str, torch.Tensor]]:
