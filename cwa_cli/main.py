@@ -15,6 +15,7 @@ from cwa import __version__
 from cwa_cli import analyze, db, demo, evaluate, model, perturb, rank, run, runs, score, sql, toy
 from cwa_cli import mlflow as mlflow_cli
 from cwa_cli._state import CliState
+from cwa_cli._trailing import accept_trailing_output_flags
 from cwa_cli.report import report_cmd
 
 app = typer.Typer(
@@ -72,6 +73,8 @@ app.command("run")(run.run_cmd)
 app.command("demo")(demo.demo_cmd)
 app.command("analyze")(analyze.analyze_cmd)
 app.command("report")(report_cmd)
+
+accept_trailing_output_flags(app)  # `cwa model inspect toy --json` as well as `cwa --json ...`
 
 
 def main() -> None:
