@@ -215,3 +215,30 @@ def test_stability_bad_inputs_register_nothing(store, three_runs, tmp_path):
         with pytest.raises(InvalidInput, match=message):
             run_analyze(store, config, mlflow=False)
     assert run_count(store) == before
+
+
+def test_tracked_topk_matches_running_topk_with_ties():
+    from cwa.analysis.topk import TrackedTopK
+    from cwa.ranking import RunningTopK
+
+    rng = np.random.default_rng(11)
+    sizes = [50, 7, 300, 1, 120]
+    offsets = np.concatenate([[0], np.cumsum(sizes)[:-1]])
+    for k in (1, 5, 40, 1000):
+        plain, tracked = RunningTopK(k), TrackedTopK(k, 1, offsets)
+        seen_others = []
+        for position, n in enumerate(sizes):
+            keys = rng.integers(0, 6, n).astype(np.float32)  # many ties
+            other = rng.normal(size=n).astype(np.float32)
+            seen_others.append(other)
+            flats = np.flatnonzero(rng.uniform(size=n) < 0.8) if position == 2 else None
+            chosen = keys if flats is None else keys[flats]
+            plain.offer(position, chosen, flats)
+            tracked.offer(position, chosen, flats, [other])
+            gids, held_keys, payload = tracked.head(k)
+            np.testing.assert_array_equal(held_keys, plain.keys)
+            np.testing.assert_array_equal(gids, offsets[plain.positions] + plain.flats)
+            expected = [
+                seen_others[p][f] for p, f in zip(plain.positions, plain.flats, strict=True)
+            ]
+            np.testing.assert_array_equal(payload[:, 0], np.array(expected, dtype=np.float32))

@@ -59,91 +59,99 @@ class _Groups:
             self.items[(level, key)] = found
         return found
 
-    def add(self, level: str, key: str, bins: tuple, row: int = 0, **meta: Any) -> None:
-        lo, counts, mass, vmin, vmax = bins
-        self.get(level, key, **meta).hist.add_bins(
-            lo, counts[row], mass[row], float(vmin[row]), float(vmax[row])
-        )
+    def merge(self, level: str, key: str, hist: Any, **meta: Any) -> None:
+        if hist.n:
+            self.get(level, key, **meta).hist.merge(hist)
 
 
 def _layer_key(layer: int | None) -> str:
     return f"layer={'none' if layer is None else layer}"
 
 
-def _profile_tensor(groups: _Groups, arch: Any, name: str, values: np.ndarray) -> None:
-    from cwa.analysis.histogram import tensor_bins
+CHUNK = 1 << 20  # elements per block: the passes over one block stay in the CPU cache
+
+
+def _tensor_hists(arch: Any, name: str, values: np.ndarray) -> tuple[Any, list, dict]:
+    """Histograms of one tensor: whole, per component, per (component, head) group id."""
+    from cwa.analysis.histogram import LogHistogram, tensor_bins
     from cwa.models.architecture import COMPONENTS
 
     info = arch.params[name]
-    mags = np.abs(values)
-    finite = None
-    if mags.size and not np.isfinite(mags.max()):  # NaN marks out-of-scope elements
-        finite = np.isfinite(mags)
-        mags = mags[finite]
-    if mags.size == 0:
-        return
-    layer = info.layer
-    whole = tensor_bins(mags)
     comps = info.components
-    groups.add("model", "all", whole)
-    groups.add("tensor", name, whole, parameter=name, layer=layer, component=",".join(comps))
-    if layer is not None:
-        groups.add("layer", _layer_key(layer), whole, layer=layer)
-    if len(comps) == 1:
-        per_comp = whole
-        local_ids = None
-    else:
-        ids = arch.component_ids(name).numpy().reshape(-1)
-        if finite is not None:
-            ids = ids[finite]
+    comp_ids = None
+    if len(comps) > 1:
         lookup = np.full(len(COMPONENTS), -1, dtype=np.int64)
         lookup[[COMPONENTS.index(c) for c in comps]] = np.arange(len(comps))
-        local_ids = lookup[ids]
-        per_comp = tensor_bins(mags, local_ids, len(comps))
-    for i, comp in enumerate(comps):
-        groups.add("component", comp, per_comp, i, component=comp)
-        if layer is not None:
-            groups.add(
-                "layer_component",
-                f"{_layer_key(layer)},{comp}",
-                per_comp,
-                i,
-                layer=layer,
-                component=comp,
-            )
-    if layer is None or not any(seg.n_heads for seg in info.segments):
+        comp_ids = lookup[arch.component_ids(name).numpy().reshape(-1)]
+    heads = None
+    n_heads = max((seg.n_heads or 0) for seg in info.segments)
+    if info.layer is not None and n_heads:
+        heads = arch.head_ids(name).numpy().reshape(-1)
+    whole = LogHistogram()
+    per_comp = [LogHistogram() for _ in comps]
+    per_head: dict[int, Any] = {}
+
+    def add(target: Any, bins: tuple, row: int) -> None:
+        lo, counts, mass, vmin, vmax = bins
+        if counts[row].any():
+            target.add_bins(lo, counts[row], mass[row], float(vmin[row]), float(vmax[row]))
+
+    for start in range(0, values.size, CHUNK):
+        stop = min(start + CHUNK, values.size)
+        mags = np.abs(values[start:stop])
+        keep = None
+        if not np.isfinite(mags.max()):  # NaN marks out-of-scope elements
+            keep = np.isfinite(mags)
+            mags = mags[keep]
+            if mags.size == 0:
+                continue
+        bins = tensor_bins(mags)
+        add(whole, bins, 0)
+        cids = None
+        if comp_ids is not None:
+            cids = comp_ids[start:stop] if keep is None else comp_ids[start:stop][keep]
+            bins = tensor_bins(mags, cids, len(comps))
+        for i in range(len(comps)):
+            add(per_comp[i], bins, i)
+        if heads is None:
+            continue
+        hid = heads[start:stop] if keep is None else heads[start:stop][keep]
+        inside = hid >= 0
+        if not inside.any():
+            continue
+        gid = hid[inside].astype(np.int64)
+        if cids is not None:
+            gid += cids[inside] * n_heads
+        bins = tensor_bins(mags[inside], gid, len(comps) * n_heads)
+        for g in np.flatnonzero(bins[1].sum(axis=1)).tolist():
+            add(per_head.setdefault(g, LogHistogram()), bins, g)
+    return whole, per_comp, per_head
+
+
+def _profile_tensor(groups: _Groups, arch: Any, name: str, values: np.ndarray) -> None:
+    info = arch.params[name]
+    whole, per_comp, per_head = _tensor_hists(arch, name, values)
+    if whole.n == 0:
         return
-    heads = arch.head_ids(name).numpy().reshape(-1)
-    if finite is not None:
-        heads = heads[finite]
-    n_heads = max(seg.n_heads or 0 for seg in info.segments)
-    inside = heads >= 0
-    comp_local = np.zeros(mags.size, dtype=np.int64) if local_ids is None else local_ids
-    gid = (comp_local * n_heads + heads)[inside]
-    bins = tensor_bins(mags[inside], gid, len(comps) * n_heads)
-    occupied = np.flatnonzero(bins[1].sum(axis=1))
-    for g in occupied.tolist():
+    layer = info.layer
+    comps = info.components
+    groups.merge("model", "all", whole)
+    groups.merge("tensor", name, whole, parameter=name, layer=layer, component=",".join(comps))
+    if layer is not None:
+        groups.merge("layer", _layer_key(layer), whole, layer=layer)
+    for comp, hist in zip(comps, per_comp, strict=True):
+        groups.merge("component", comp, hist, component=comp)
+        if layer is not None:
+            key = f"{_layer_key(layer)},{comp}"
+            groups.merge("layer_component", key, hist, layer=layer, component=comp)
+    n_heads = max((seg.n_heads or 0) for seg in info.segments)
+    for g, hist in per_head.items():
         comp, head = comps[g // n_heads], g % n_heads
-        is_kv = comp in ("attn_k", "attn_v")
-        kv_group = head if is_kv else head // arch.group_size
-        groups.add(
-            "head",
-            f"{_layer_key(layer)},{comp},head={head}",
-            bins,
-            g,
-            layer=layer,
-            component=comp,
-            head=head,
-            kv_group=kv_group,
-        )
-        groups.add(
-            "kv_group",
-            f"{_layer_key(layer)},kv_group={kv_group}",
-            bins,
-            g,
-            layer=layer,
-            kv_group=kv_group,
-        )
+        kv_group = head if comp in ("attn_k", "attn_v") else head // arch.group_size
+        key = f"{_layer_key(layer)},{comp},head={head}"
+        groups.merge("head", key, hist, layer=layer, component=comp, head=head, kv_group=kv_group)
+        key = f"{_layer_key(layer)},kv_group={kv_group}"
+        groups.merge("kv_group", key, hist, layer=layer, kv_group=kv_group)
 
 
 def _rows(groups: _Groups, score_run_id: str) -> list[dict[str, Any]]:

@@ -17,18 +17,21 @@ import numpy as np
 
 
 class TrackedTopK:
-    """A RunningTopK plus, per held entry, its global id and the other runs' scores.
+    """Exact running top-k (the order and tie rule of :class:`cwa.ranking.RunningTopK`) whose
+    entries carry the other runs' scores of the same weights.
 
     ``offsets[position]`` is the first global element id of the parameter at ``position``
-    (architecture order), so an entry's global id is ``offsets[position] + flat``.
+    (architecture order), so an entry's global id is ``offsets[position] + flat``. The
+    candidate pre-filter and tie-boundary selection are :class:`~cwa.ranking.RunningTopK`'s
+    (``_top_indices``); the payload rides along every index operation, so no lookups are needed.
     """
 
     def __init__(self, k: int, n_other: int, offsets: np.ndarray) -> None:
-        from cwa.ranking import RunningTopK
-
-        self.top = RunningTopK(k)
+        self.k = k
         self.offsets = offsets
-        self.gids = np.empty(0, dtype=np.int64)
+        self.keys = np.empty(0, dtype=np.float32)
+        self.positions = np.empty(0, dtype=np.int64)
+        self.flats = np.empty(0, dtype=np.int64)
         self.payload = np.empty((0, n_other), dtype=np.float32)
 
     def offer(
@@ -40,25 +43,42 @@ class TrackedTopK:
     ) -> None:
         """Offer one tensor's candidates (``flats`` ascending; None = every element).
 
-        ``others`` are the other runs' whole flat score arrays of the same tensor.
+        Positions must not decrease between calls; ``others`` are the other runs' whole flat
+        score arrays of the same tensor.
         """
-        top = self.top
-        top.offer(position, keys, flats)
-        new = top.positions == position
-        if not new.any():
-            return  # nothing entered, so nothing left either
-        gids = self.offsets[top.positions] + top.flats
-        payload = np.empty((gids.size, self.payload.shape[1]), dtype=np.float32)
-        old = ~new
-        if old.any():
-            order = np.argsort(self.gids, kind="stable")
-            where = order[np.searchsorted(self.gids, gids[old], sorter=order)]
-            payload[old] = self.payload[where]
-        new_flats = top.flats[new]
+        from cwa.ranking import _top_indices
+
+        if keys.size == 0:
+            return
+        local: np.ndarray | None = None
+        if self.keys.size >= self.k:
+            # equal keys lose to held entries (earlier position): strictly greater only
+            local = np.flatnonzero(keys > self.keys[-1])
+            if local.size == 0:
+                return
+            keys = keys[local]
+        if keys.size > self.k:
+            pick = _top_indices(keys, self.k)
+            keys = keys[pick]
+            local = pick if local is None else local[pick]
+        elif local is None:
+            local = np.arange(keys.size, dtype=np.int64)
+        new_flats = local if flats is None else flats[local]
+        order = np.argsort(-keys, kind="stable")  # ascending flats among equal keys
+        new_flats = new_flats[order].astype(np.int64)
+        payload = np.empty((order.size, self.payload.shape[1]), dtype=np.float32)
         for j, other in enumerate(others):
-            payload[new, j] = other[new_flats]
-        self.gids, self.payload = gids, payload
+            payload[:, j] = other[new_flats]
+        merged_keys = np.concatenate([self.keys, keys[order]])
+        best = np.argsort(-merged_keys, kind="stable")[: self.k]  # held entries first on ties
+        self.keys = merged_keys[best]
+        self.positions = np.concatenate(
+            [self.positions, np.full(order.size, position, dtype=np.int64)]
+        )[best]
+        self.flats = np.concatenate([self.flats, new_flats])[best]
+        self.payload = np.concatenate([self.payload, payload])[best]
 
     def head(self, k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(global ids, scores, other runs' scores) of the best ``k`` entries, best first."""
-        return self.gids[:k], self.top.keys[:k], self.payload[:k]
+        gids = self.offsets[self.positions[:k]] + self.flats[:k]
+        return gids, self.keys[:k], self.payload[:k]

@@ -1,0 +1,196 @@
+"""Benchmark: ``cwa analyze`` on a GPT-2-small-sized score run vs reading its score file once.
+
+Two synthetic score runs of GPT-2 small (``GPT2Config()``: 124,439,808 weights in 148 tensors;
+log-normal random scores, written tensor by tensor with :class:`cwa.scorefile.ScoreFileWriter`)
+are registered in a temporary store; the architecture map comes from the config on the
+``meta`` device. Timed side by side in this process, page cache warm, median of ``--repeats``:
+
+* ``read once``: open the score file and load every tensor (``safe_open(...).get_tensor``),
+  i.e. the unavoidable cost of looking at every score once;
+* ``profile``: the analyzer's computation (``spec.run``) and the whole ``run_analyze`` stage
+  (validation, registration, computation, one write transaction);
+* ``stability``: two runs, k list ``100,1000,10000,0.1%``, global + layer + component groups,
+  against reading both files once.
+
+Ratios = analyzer time / read time (the issue's target: at most about 2x). Memory: the peak
+resident-set growth during the analyzer (``VmHWM`` reset through ``/proc/self/clear_refs``)
+next to the largest score tensor and the top-k state (O(largest tensor + k)).
+
+Run: ``python benchmarks/bench_analyze.py [--quick] [--threads 1]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import gc
+import os
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("CWA_MLFLOW", "0")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="one repeat")
+    parser.add_argument("--repeats", type=int, default=None)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--k-values", default="100,1000,10000,0.1%")
+    args = parser.parse_args(argv)
+    if args.repeats is None:
+        args.repeats = 1 if args.quick else 3
+    return args
+
+
+def _status_kib(field: str) -> int:
+    with open("/proc/self/status") as handle:
+        for line in handle:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise RuntimeError(f"{field} not in /proc/self/status")
+
+
+def _reset_peak() -> int:
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except OSError:
+        pass
+    with open("/proc/self/clear_refs", "w") as handle:
+        handle.write("5")
+    return _status_kib("VmRSS")
+
+
+def _peak_growth_mib(baseline_kib: int) -> float:
+    return (_status_kib("VmHWM") - baseline_kib) / 1024
+
+
+def _shapes() -> dict[str, tuple[int, ...]]:
+    import torch
+    from transformers import AutoModelForCausalLM, GPT2Config
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(GPT2Config())
+    return {name: tuple(p.shape) for name, p in model.named_parameters()}
+
+
+def make_score_run(store, model_dir: Path, shapes: dict, seed: int) -> str:
+    """A succeeded score run holding random log-normal scores (written tensor by tensor)."""
+    import torch
+
+    from cwa.lifecycle import StageOutput, StageRequest, execute_stage
+    from cwa.scorefile import ScoreFileWriter
+
+    ref = str(model_dir)
+    request = StageRequest(
+        stage="score",
+        config={"metric": "random", "seed": seed, "model": {"ref": ref}},
+        experiment="bench",
+        model_ref=ref,
+        seed=seed,
+    )
+
+    def compute(ctx):
+        gen = torch.Generator().manual_seed(seed)
+        path = ctx.artifact_path("scores.safetensors", kind="scores")
+        with ScoreFileWriter(path, list(shapes.items())) as writer:
+            for name, shape in shapes.items():
+                writer.write(name, torch.exp(torch.randn(shape, generator=gen) * 2.0))
+        ctx.set_model(ref, "bench-gpt2-small", "cpu")
+        return StageOutput()
+
+    return execute_stage(store, request, compute, mlflow=False).run_id
+
+
+def read_once(path: Path) -> float:
+    from safetensors import safe_open
+
+    start = time.perf_counter()
+    with safe_open(str(path), framework="pt", device="cpu") as handle:
+        for name in handle.keys():  # noqa: SIM118 - safe_open has no __iter__
+            tensor = handle.get_tensor(name)
+            del tensor
+    return time.perf_counter() - start
+
+
+def _median_time(fn, repeats: int) -> tuple[float, object]:
+    times, value = [], None
+    for _ in range(repeats):
+        start = time.perf_counter()
+        value = fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times), value
+
+
+def _bench_one(store, name: str, runs: list[str], options: dict, args) -> tuple:
+    """(compute seconds, whole-stage seconds, peak RSS growth MiB during compute)."""
+    from cwa.progress import NULL_REPORTER
+    from cwa.stages.analyze import AnalyzeConfig, prepare_analysis, run_analyze
+
+    config = AnalyzeConfig(name, runs=runs, options=options)
+    spec, inputs, parsed = prepare_analysis(store, config)
+    inputs.architecture(inputs.runs[0])  # built once per model (meta device)
+    baseline = _reset_peak()
+    t_compute, _ = _median_time(lambda: spec.run(inputs, parsed, NULL_REPORTER), args.repeats)
+    peak = _peak_growth_mib(baseline)
+    t_stage, _ = _median_time(lambda: run_analyze(store, config, mlflow=False), args.repeats)
+    return t_compute, t_stage, peak
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    import torch
+
+    torch.set_num_threads(args.threads)
+    from transformers import GPT2Config
+
+    from cwa.store import Store
+
+    shapes = _shapes()
+    n_weights = sum(int(torch.Size(s).numel()) for s in shapes.values())
+    largest = max(int(torch.Size(s).numel()) for s in shapes.values())
+    with tempfile.TemporaryDirectory(prefix="cwa_bench_analyze_") as tmp:
+        model_dir = Path(tmp) / "gpt2-small-config"
+        GPT2Config().save_pretrained(model_dir)
+        store = Store.open(Path(tmp) / "store")
+        print(f"writing two score runs of {n_weights:,} weights ({len(shapes)} tensors) ...")
+        ids = [make_score_run(store, model_dir, shapes, seed) for seed in (0, 1)]
+        paths = [store.artifacts_dir(i) / "scores.safetensors" for i in ids]
+        for path in paths:
+            read_once(path)  # warm the page cache
+        t_read, _ = _median_time(lambda: read_once(paths[0]), args.repeats)
+        t_read_b, _ = _median_time(lambda: read_once(paths[1]), args.repeats)
+
+        results = [
+            ("profile", t_read, *_bench_one(store, "profile", ids[:1], {"rank_run": "none"}, args)),
+            (
+                "stability",
+                t_read + t_read_b,
+                *_bench_one(store, "stability", ids, {"k_values": args.k_values}, args),
+            ),
+        ]
+        print(f"\nread once (one score file): {t_read:.2f} s   (second file {t_read_b:.2f} s)")
+        print(f"largest tensor: {largest:,} scores = {largest * 4 / 2**20:.0f} MiB float32")
+        header = (
+            f"{'analyzer':<10} {'read s':>7} {'compute s':>10} {'stage s':>8} "
+            f"{'compute/read':>13} {'stage/read':>11} {'peak MiB':>9}"
+        )
+        print(header)
+        for name, t_base, t_compute, t_stage, peak in results:
+            print(
+                f"{name:<10} {t_base:>7.2f} {t_compute:>10.2f} {t_stage:>8.2f} "
+                f"{t_compute / t_base:>12.2f}x {t_stage / t_base:>10.2f}x {peak:>9.0f}"
+            )
+        print(
+            "\npeak = resident-set growth during the analyzer's computation; compare with the "
+            f"largest tensor ({largest * 4 / 2**20:.0f} MiB per run held) and the whole file "
+            f"({n_weights * 4 / 2**20:.0f} MiB per run)."
+        )
+
+
+if __name__ == "__main__":
+    main()
