@@ -24,7 +24,7 @@ app = typer.Typer(
     "prove it against matched controls, and query the evidence.",
     no_args_is_help=True,
     pretty_exceptions_enable=False,
-    add_completion=False,
+    add_completion=True,
     context_settings={"help_option_names": ["-h", "--help"]},
 )
 

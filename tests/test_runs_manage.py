@@ -266,3 +266,24 @@ def test_gc_removes_only_folders_without_a_run(cli, demo_store: Path) -> None:
     assert sorted(p.name for p in root.iterdir()) == kept
     text = cli("db", "gc")
     assert text.exit_code == 0 and "Freed 0 B" in text.stderr
+
+
+def test_shell_completion_is_available() -> None:
+    import os
+    import subprocess
+
+    cwa = shutil.which("cwa")
+    if cwa is None:
+        pytest.skip("the cwa entry point is not installed (pip install -e .)")
+    env = {
+        **os.environ,
+        "_CWA_COMPLETE": "complete_bash",
+        "COMP_WORDS": "cwa runs c",
+        "COMP_CWORD": "2",
+    }
+    done = subprocess.run([cwa], env=env, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0 and "compare" in done.stdout.split()
+    script = subprocess.run(
+        [cwa, "--show-completion", "bash"], capture_output=True, text=True, timeout=60
+    )
+    assert "complete -o default -F _cwa_completion cwa" in script.stdout

@@ -229,3 +229,20 @@ def test_list_needs_no_store_and_file_and_query_conflict(cli, tmp_path: Path, mo
     plain.write_text("SELECT 1")
     no_names = cli("sql", "--file", str(plain), "--list")
     assert no_names.exit_code == 1 and "no '-- name: ...' headers" in no_names.stderr
+
+
+def test_readme_sql_commands_work(cli, demo_store: Path, tmp_path: Path, monkeypatch) -> None:
+    import shlex
+
+    readme = (REPO / "README.md").read_text()
+    commands = [
+        line.split("#")[0].strip()
+        for line in readme.splitlines()
+        if line.startswith("cwa sql --file examples/queries.sql")
+    ]
+    assert len(commands) >= 4
+    monkeypatch.chdir(tmp_path)  # -o writes here
+    for command in commands:
+        args = shlex.split(command.replace("examples/queries.sql", str(EXAMPLES)))[1:]
+        result = cli(*args)
+        assert result.exit_code == 0, f"{command}: {result.output}"
