@@ -51,10 +51,16 @@ def planted(toy_model_path, tmp_path_factory) -> dict:
     return {"model": folder, "unit": unit, "data": data}
 
 
-def _score(cli, planted, metric: str = "super_weight") -> str:
+def _score(cli, planted, metric: str = "super_weight", *options: str) -> str:
+    """A score run of the planted model. For super_weight, by default a spike threshold of 1
+    (every down projection yields its round-1 candidate: the planted weight in layer 0, an
+    ordinary weight in layer 1, the negative example)."""
+    if metric == "super_weight" and not options:
+        options = ("spike_threshold=1", "rounds=1")
+    extra = [part for option in options for part in ("--metric-option", option)]
     out = _ok(
         cli("--json", "score", "--model", str(planted["model"]), "--metric", metric,
-            "--data", str(planted["data"]), "--n-samples", "8", "--seq-len", "64")
+            "--data", str(planted["data"]), "--n-samples", "8", "--seq-len", "64", *extra)
     )  # fmt: skip
     return out["runs"][0]["run_id"]
 
@@ -161,6 +167,17 @@ def test_profile_without_verify_and_bad_inputs(cli, planted, store_path, one_thr
         assert out_ratio == pytest.approx(max_out / np.median(outputs))
     assert profile[0][2] > 1000 * 0.9 and profile[0][1] == pytest.approx(A)  # the planted spike
     store = Store(store_path)
+    # At the default spike threshold the planted offset (the same on every output channel) is
+    # no output spike: no candidate, but the profile is still shown; --verify has nothing to do.
+    quiet = _score(cli, planted, "super_weight", "spike_threshold=50", "rounds=1")
+    only_profile = _ok(cli("--json", "analyze", "super_weights", quiet))["runs"][0]["run_id"]
+    with store.read() as con:
+        counts = con.execute(
+            "SELECT (SELECT count(*) FROM analysis_super_weights WHERE run_id = $1), "
+            "(SELECT count(*) FROM analysis_super_weight_profile WHERE run_id = $1)",
+            [only_profile],
+        ).fetchone()
+    assert counts == (0, 2)
     before = run_count(store)
     other = _score(cli, planted, metric="magnitude")
     before += 1
@@ -176,6 +193,7 @@ def test_profile_without_verify_and_bad_inputs(cli, planted, store_path, one_thr
             "does not exist",
         ),
         (("analyze", "super_weights", score_id, other), "at most 1"),
+        (("analyze", "super_weights", quiet, "-o", "verify=true"), "no super-weight candidate"),
     ]
     for args, text in bad:
         result = cli(*args)

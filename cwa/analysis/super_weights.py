@@ -81,8 +81,19 @@ def _validate(inputs: Any, options: dict[str, Any]) -> None:
             f"score run {run.run_id} used metric {metric!r}; the super_weights analyzer needs a "
             "run of `cwa score --metric super_weight`"
         )
-    if _candidates(inputs, run).height == 0:
-        raise InvalidInput(f"score run {run.run_id} stored no super-weight candidates")
+    n_candidates = _candidates(inputs, run).height
+    profile = _activation_profile(inputs, run)
+    if n_candidates == 0 and (profile is None or profile.height == 0):
+        raise InvalidInput(
+            f"score run {run.run_id} stored neither super-weight candidates nor an activation "
+            "profile; re-run `cwa score --metric super_weight`"
+        )
+    if options["verify"] and n_candidates == 0:
+        raise InvalidInput(
+            f"score run {run.run_id} found no super-weight candidate to verify (no down "
+            "projection's spikes reached its spike_threshold); see its activation profile "
+            "without -o verify=true"
+        )
     if options["verify"]:
         _plans(run, options)  # a missing data file fails here, before the run is registered
         from cwa.models.loading import resolve_device
@@ -145,10 +156,11 @@ def _run(inputs: Any, options: dict[str, Any], reporter: Any) -> AnalysisResult:
         rows, controls = _verify(inputs, run, rows, options, reporter)
     else:
         rows = [{**r, "verified": False} for r in rows]
+    # No candidates (no projection reached the spike threshold): the profile alone.
     table = pl.DataFrame(rows, infer_schema_length=None).with_columns(
         pl.lit(run.run_id).alias("score_run_id")
     )
-    metrics = {"n_candidates": float(table.height), "n_layers": float(profile.height)}
+    metrics = {"n_candidates": float(len(rows)), "n_layers": float(profile.height)}
     columns = ["layer", "parameter", "row_index", "column_index", "weight_value"]
     if options["verify"]:
         metrics["n_super_weights"] = float(table["is_super_weight"].sum())
@@ -170,7 +182,9 @@ def _run(inputs: Any, options: dict[str, Any], reporter: Any) -> AnalysisResult:
               r["output_channel"], r["layer_output_ratio"]) for r in profile.iter_rows(named=True)],
         ),
     ]  # fmt: skip
-    tables = {"analysis_super_weight_profile": profile, "analysis_super_weights": table}
+    tables: dict[str, Any] = {"analysis_super_weight_profile": profile}
+    if rows:
+        tables["analysis_super_weights"] = table
     if controls:
         tables["analysis_super_weight_controls"] = pl.DataFrame(controls)
     return AnalysisResult(tables=tables, metrics=metrics, display=display)
