@@ -151,6 +151,9 @@ def run_evaluate(
             calib_id = resolve_run_id(con, config.calibration_run, store_label=store.label)
         calibration_ids.append(calib_id)
     plans = plan_for(config, calibration_records(store, calibration_ids))
+    from cwa.stages.tasks_check import check_task_files
+
+    check_task_files(plans)  # a malformed task file fails here, before a run is registered
     if loaded is None:  # load before registering: a bad model reference leaves no run behind
         from cwa.models.loading import load_model
 
