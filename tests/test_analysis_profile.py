@@ -234,3 +234,35 @@ def test_profile_gqa_heads_counted_once(store, tmp_path):
         assert g1["n"] == sum(t.numel() for t in parts)
         assert g1["mass"] == pytest.approx(expected, rel=1e-9)
         assert rows[("head", f"layer={layer},attn_q,head=3")]["kv_group"] == 1
+
+
+def test_topk_counts_per_group_by_hand():
+    import polars as pl
+
+    from cwa.analysis.profile import _topk_counts
+
+    ranked = pl.DataFrame(
+        {
+            "parameter": ["q1", "q1", "k1", "o1", "emb"],
+            "layer": [1, 1, 1, 1, None],
+            "component": ["attn_q", "attn_q", "attn_k", "attn_o", "embed"],
+            "head": [3, 0, 1, 2, None],
+        }
+    )
+    keys = [
+        ("model", "all"),
+        ("tensor", "q1"),
+        ("layer", "layer=1"),
+        ("component", "attn_q"),
+        ("layer_component", "layer=1,attn_q"),
+        ("head", "layer=1,attn_q,head=3"),
+        ("kv_group", "layer=1,kv_group=1"),  # q heads 2, 3 (group size 2) and kv head 1
+        ("kv_group", "layer=1,kv_group=0"),
+        ("component", "embed"),
+        ("layer", "layer=0"),
+    ]
+    rows = [{"level": level, "group_key": key} for level, key in keys]
+    _topk_counts(rows, ranked, group_size=2)
+    got = {(r["level"], r["group_key"]): r["topk_count"] for r in rows}
+    assert list(got.values()) == [5, 2, 4, 2, 2, 1, 3, 1, 1, 0]
+    assert rows[0]["topk_share"] == 1.0 and rows[1]["topk_share"] == pytest.approx(0.4)

@@ -212,6 +212,12 @@ def _topk_counts(rows: list[dict[str, Any]], ranked: Any, group_size: int) -> No
     k = ranked.height
     if k == 0:
         return
+    ranked = ranked.with_columns(  # all-NULL columns (no head among the top-k) come back untyped
+        pl.col("parameter").cast(pl.String),
+        pl.col("component").cast(pl.String),
+        pl.col("layer").cast(pl.Int64),
+        pl.col("head").cast(pl.Int64),
+    )
     layer_key = pl.concat_str(pl.lit("layer="), pl.col("layer").cast(pl.String).fill_null("none"))
     kv = (
         pl.when(pl.col("component").is_in(["attn_k", "attn_v"]))
