@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Annotated
 
 import typer
@@ -10,7 +11,7 @@ from cwa_cli import _output
 from cwa_cli._boundary import error_boundary
 from cwa_cli._common import command_line, mlflow_flag, open_store, reporter_for
 from cwa_cli._state import state
-from cwa_cli.run import report
+from cwa_cli.run import report, report_path
 
 
 @error_boundary
@@ -23,11 +24,12 @@ def demo_cmd(
         typer.Option("--out-dir", help="Also export files (top_weights.csv, results, manifest)."),
     ] = None,
 ) -> None:
-    """Score -> rank -> evaluate -> perturb on the toy model (offline, a few minutes on a CPU).
+    """Score -> rank -> evaluate -> perturb -> analyze -> report on the toy model (offline).
 
     Builds the toy model on first use (cached in CWA_CACHE), scores it with grad_x_weight,
     ranks the global top 0.05% of weights, sign-flips them and the random_k / bottom_k controls
-    over three seeds, and evaluates perplexity, toy HellaSwag and toy LAMBADA after each.
+    over three seeds, and evaluates perplexity, toy HellaSwag and toy LAMBADA after each;
+    then profiles the scores and writes the report (report.html with every figure).
     """
     from cwa.parsing import parse_seeds
     from cwa.stages.pipeline import demo_config, run_demo
@@ -41,6 +43,13 @@ def demo_cmd(
     report(ctx, result)
     if not state(ctx).json and not state(ctx).quiet:
         db = store.path.resolve()
+        page = report_path(result)
+        if page is not None:
+            _output.stderr.print(
+                f"\nReport: {page}\n  open it in a browser: xdg-open {page}  (macOS: open "
+                f"{page}; or file://{Path(page).resolve()})",
+                highlight=False,
+            )
         _output.stderr.print(
             "\nNext:\n"
             f'  cwa sql "SELECT selection, task, metric, avg(value), avg(ratio) FROM '

@@ -200,7 +200,7 @@ ORDER BY component, layer, head""",
        k, count(*) AS n, avg(ratio) AS mean, min(ratio) AS lo, max(ratio) AS hi
 FROM perturbation_effects
 WHERE run_id IN ({perturb_runs}) AND task = 'perplexity' AND metric = 'perplexity'
-  AND selection <> 'all_k'
+  AND selection <> 'all_k' AND selection NOT LIKE 'cluster:%'
 GROUP BY ALL
 ORDER BY selection, method, k""",
                 tables=("perturbation_effects",),

@@ -84,6 +84,10 @@ def correlation_heatmap(
     # A symmetric statistic stored as one triangle: mirror it.
     mirror = np.isnan(matrix) & ~np.isnan(matrix.T)
     matrix[mirror] = matrix.T[mirror]
+    if statistic in ("spearman", "kendall", "pearson"):
+        # A run or layer correlates perfectly with itself; analyzers need not store it.
+        diagonal = np.isnan(np.diag(matrix))
+        matrix[np.flatnonzero(diagonal), np.flatnonzero(diagonal)] = 1.0
     size = 2.4 + 0.28 * len(keys)
     fig, ax = new_figure(width=min(size + 1.0, 7.0), height=min(size, 6.5))
     image = ax.imshow(matrix, cmap=DIVERGING_CMAP, vmin=-1, vmax=1)

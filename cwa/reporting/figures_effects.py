@@ -45,7 +45,7 @@ def _damage_curve(
     seeds). A selection with one condition per x (top_k, bottom_k) is a line; one with several
     seeds (random_k) is its mean line inside a shaded min–max band.
     """
-    fig, ax = new_figure()
+    fig, ax = new_figure(width=5.0, height=2.8)  # room for the legend beside the curves
     methods = sorted(set(table["method"].to_list()))
     styles = ("-", "--", ":", "-.")
     for m, method in enumerate(methods):

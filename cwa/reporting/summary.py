@@ -115,6 +115,41 @@ ORDER BY e.task, e.metric, e.selection"""
     return findings
 
 
+def cluster_findings(con: Any, runs: RunSet) -> list[Finding]:
+    """Clustered perturbations (treatment ``cluster:ID``) against random_k of the same size."""
+    perturbs = runs.ids("perturb")
+    if not perturbs:
+        return []
+    ids = ", ".join(f"'{i}'" for i in perturbs)
+    sql = f"""WITH treated AS (
+    SELECT run_id, selection, method, scale, k, ratio FROM perturbation_effects
+    WHERE run_id IN ({ids}) AND selection LIKE 'cluster:%'
+      AND task = 'perplexity' AND metric = 'perplexity'
+), controls AS (
+    SELECT run_id, method, scale, k, avg(ratio) AS mean_ratio,
+           stddev_samp(ratio) AS std_ratio, count(*) AS n
+    FROM perturbation_effects
+    WHERE run_id IN ({ids}) AND selection = 'random_k'
+      AND task = 'perplexity' AND metric = 'perplexity'
+    GROUP BY ALL
+)
+SELECT t.selection, t.method, t.scale, t.k, t.ratio, c.mean_ratio, c.std_ratio, c.n
+FROM treated t
+LEFT JOIN controls c ON c.run_id = t.run_id AND c.method = t.method
+    AND c.scale IS NOT DISTINCT FROM t.scale AND c.k = t.k
+ORDER BY t.selection"""
+    found = []
+    for selection, method, scale, k, ratio, mean, std, n in con.execute(sql).fetchall():
+        label = "cluster " + selection.replace("/", ":").rsplit(":", 1)[-1]
+        text = f"{_verb(method, scale)} {label} ({k:,} weights) multiplies perplexity by " \
+            f"{_fmt(ratio)}"
+        if n:
+            spread = f" ± {_fmt(std)}" if n > 1 and std is not None else ""
+            text += f"; {n} random_k sets of the same size: {_fmt(mean)}{spread}"
+        found.append(Finding(text=text[0].upper() + text[1:] + ".", sql=sql))
+    return found
+
+
 def score_findings(con: Any, runs: RunSet) -> list[Finding]:
     if runs.score_run is None:
         return []
@@ -149,7 +184,11 @@ GROUP BY component ORDER BY n DESC"""
 
 def findings(store: Store, runs: RunSet) -> list[Finding]:
     with store.read() as con:
-        return perturbation_findings(con, runs) + score_findings(con, runs)
+        return (
+            perturbation_findings(con, runs)
+            + cluster_findings(con, runs)
+            + score_findings(con, runs)
+        )
 
 
 def provenance(runs: RunSet) -> list[dict[str, Any]]:

@@ -15,6 +15,7 @@ from cwa.progress import NULL_REPORTER, Reporter
 from cwa.stages.common import ModelOptions
 from cwa.stages.evaluate import EvaluateConfig, run_evaluate
 from cwa.stages.perturb import PerturbConfig, run_perturb
+from cwa.stages.pipeline_analysis import AnalysisSwitches
 from cwa.stages.rank import RankConfig, run_rank
 from cwa.stages.score import DataOptions, ScoreConfig, run_score
 from cwa.store import Store
@@ -37,6 +38,8 @@ class PipelineConfig:
     out_dir: str | None = None
     experiment: str = "default"
     command: str | None = None
+    k_values: list[int] | None = None  # several k: a damage curve (--advanced-perturbations)
+    analyses: AnalysisSwitches = field(default_factory=AnalysisSwitches)
 
 
 @dataclass
@@ -47,6 +50,10 @@ class PipelineResult:
     perturb: RunOutcome
     summary: dict[tuple[str, str, str], dict[str, float]]
     exported: list[Path]
+    extra_scores: list[RunOutcome] = field(default_factory=list)  # further seeds
+    extra_perturbs: list[RunOutcome] = field(default_factory=list)  # clustered perturbation
+    analyses: list[RunOutcome] = field(default_factory=list)
+    report: RunOutcome | None = None
 
     @property
     def run_ids(self) -> dict[str, str]:
@@ -66,9 +73,11 @@ def run_pipeline(
     from cwa.metrics import get_metric
     from cwa.models.loading import load_model
     from cwa.stages.common import is_toy_ref
+    from cwa.stages.pipeline_analysis import apply_switches, run_switched_analyses
     from cwa.stages.score import _DOUBLE_BACKWARD, calibration_texts
 
     reporter = reporter or NULL_REPORTER
+    apply_switches(config)
     # Validate everything cheap before the first run is registered.
     get_metric(config.metric)
     plan_tasks(config.tasks, limit=config.limit, is_toy_model=is_toy_ref(config.model.ref))
@@ -94,13 +103,14 @@ def run_pipeline(
             reporter=reporter,
         )
     reporter.info("[1/4] score")
-    (score,) = run_score(
+    score, *extra_scores = run_score(
         store,
         ScoreConfig(
             model=config.model,
             metric=config.metric,
             data=config.data,
-            seeds=[config.seeds[0]],
+            # --temporal-stability scores every seed; otherwise the first seed only.
+            seeds=config.seeds if config.analyses.temporal_stability else [config.seeds[0]],
             probes=config.probes,
             **common,
         ),
@@ -147,6 +157,7 @@ def run_pipeline(
             scales=None if config.scale is None else [config.scale],
             controls=config.controls,
             seeds=config.seeds,
+            k_values=config.k_values,
             tasks=config.tasks,
             limit=config.limit,
             device=config.model.device,
@@ -162,7 +173,21 @@ def run_pipeline(
         exported = _export(store, out_dir, config, perturb, score, rank, evaluate)
         if export:
             exported.insert(0, Path(export))
-    return PipelineResult(score, rank, evaluate, perturb, summary, exported)
+    analyses, extra_perturbs, report, written = run_switched_analyses(
+        store,
+        config,
+        score_runs=[score.run_id, *[s.run_id for s in extra_scores]],
+        rank=rank,
+        perturb=perturb,
+        reporter=reporter,
+        mlflow=mlflow,
+        loaded=loaded,
+    )
+    exported.extend(written)
+    return PipelineResult(
+        score, rank, evaluate, perturb, summary, exported, extra_scores, extra_perturbs,
+        analyses, report,
+    )
 
 
 def _export(
@@ -227,6 +252,8 @@ def demo_config(
         out_dir=out_dir,
         experiment=experiment,
         command=command,
+        # The demo ends with the depth/component profile and the report.
+        analyses=AnalysisSwitches(architecture_analysis=True, save_plots=True),
     )
 
 
