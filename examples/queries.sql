@@ -60,3 +60,18 @@ SELECT run_id, condition_id, k, task, item_index, baseline_prediction, predictio
 FROM flipped_items
 WHERE selection = 'top_k'
 ORDER BY run_id, k, task, item_index;
+
+-- name: most_stable_layers
+-- Which layers keep their top-k weights across seeds? (mean Jaccard over run pairs, newest stability analysis)
+SELECT layer, k_label, n_pairs, round(jaccard, 4) AS jaccard, round(ci_low, 4) AS ci_low,
+       round(ci_high, 4) AS ci_high, stability_rank
+FROM analysis_stable_layers
+WHERE run_id = (SELECT max(run_id) FROM runs WHERE stage = 'analyze'
+                AND config->>'analyzer' = 'stability' AND status = 'succeeded')
+ORDER BY k, stability_rank;
+
+-- name: metric_agreement
+-- Do two sensitivity metrics agree on which weights matter? (global rank correlation and top-k overlap)
+SELECT run_id, metric_a, metric_b, statistic, round(value, 4) AS value, n
+FROM analysis_metric_agreement
+ORDER BY run_id DESC, metric_a, metric_b, statistic;

@@ -110,3 +110,13 @@ def add_score_run(
 def run_count(store: Any) -> int:
     with store.read() as con:
         return int(con.execute("SELECT count(*) FROM runs").fetchone()[0])
+
+
+def named_query(name: str) -> str:
+    """The SQL under ``-- name: NAME`` in examples/queries.sql (up to the next header)."""
+    import re
+
+    text = (Path(__file__).resolve().parents[1] / "examples" / "queries.sql").read_text()
+    parts = re.split(r"^-- name:\s*(\S+)\s*$", text, flags=re.M)
+    found = dict(zip(parts[1::2], parts[2::2], strict=True))
+    return found[name].strip()

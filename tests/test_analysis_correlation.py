@@ -7,6 +7,7 @@ import pytest
 from _analysis_world import (
     add_score_run,
     gpt2_config,
+    named_query,
     param_shapes,
     random_scores,
     run_count,
@@ -79,6 +80,11 @@ def test_metric_correlation_matches_scipy_on_the_same_sample(store, two_metrics)
             [outcome.run_id],
         ).fetchone()
     assert agreement[:2] == ("grad_x_weight", "magnitude")
+    with store.read() as con:
+        named = con.execute(named_query("metric_agreement")).fetchall()
+    assert ("grad_x_weight", "magnitude", "spearman", round(glob["spearman"][0], 4)) in [
+        (r[1], r[2], r[3], r[4]) for r in named
+    ]
     assert agreement[2] == pytest.approx(glob["spearman"][0])
     assert outcome.metrics["global_spearman"] == pytest.approx(glob["spearman"][0])
 

@@ -9,6 +9,7 @@ import pytest
 from _analysis_world import (
     add_score_run,
     gpt2_config,
+    named_query,
     param_shapes,
     random_scores,
     run_count,
@@ -191,6 +192,16 @@ def test_stability_matches_brute_force(store, three_runs):
     assert summary[0] == 3 and summary[1] == pytest.approx(np.mean(jaccards))
     assert summary[2] <= summary[1] <= summary[3] and summary[4] == "bootstrap_runs"
     assert {layer for layer, _ in layers} == {0, 1}
+    with store.read() as con:
+        named = con.execute(named_query("most_stable_layers")).fetchall()
+        direct = con.execute(
+            "SELECT group_key, k, mean FROM analysis_stability_summary WHERE run_id = ? "
+            "AND scope = 'layer' AND statistic = 'jaccard' ORDER BY k, mean DESC",
+            [outcome.run_id],
+        ).fetchall()
+    assert [(f"layer={r[0]}", round(r[3], 4)) for r in named] == [
+        (g, round(m, 4)) for g, _, m in direct
+    ]
     assert outcome.metrics["jaccard_at_200"] == pytest.approx(np.mean(jaccards))
 
 
