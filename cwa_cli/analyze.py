@@ -92,7 +92,9 @@ def analyze_cmd(
         for spec in plugin or ():
             ANALYZERS.load_plugin(spec)
         if analyzer is None and not list_analyzers:
-            raise typer.BadParameter("give an analyzer name, or --list to see them")
+            from cwa.errors import UsageError
+
+            raise UsageError("give an analyzer name (e.g. cwa analyze profile), or --list")
         print_choices(ctx, available(), "analyzer")
         return
     from cwa.analysis.base import parse_option_pairs

@@ -245,6 +245,8 @@ def test_cli_list_plugin_json_and_errors(cli, store, world):
     for name, tensor in world["scores"][0].items():
         assert totals[name] == pytest.approx(float(tensor.double().sum()), rel=1e-12)
     assert run_count(store) == before + 1
+    result = cli("analyze")
+    assert result.exit_code == 2 and result.stderr.startswith("Error: give an analyzer name")
     result = cli("analyze", "nosuchanalyzer", world["ids"][0])
     assert result.exit_code == 1
     assert result.stderr.strip().startswith("Error: unknown analyzer 'nosuchanalyzer'")

@@ -239,7 +239,7 @@ def test_profile_gqa_heads_counted_once(store, tmp_path):
 def test_topk_counts_per_group_by_hand():
     import polars as pl
 
-    from cwa.analysis.profile import _topk_counts
+    from cwa.analysis.profile_topk import topk_counts
 
     ranked = pl.DataFrame(
         {
@@ -262,7 +262,7 @@ def test_topk_counts_per_group_by_hand():
         ("layer", "layer=0"),
     ]
     rows = [{"level": level, "group_key": key} for level, key in keys]
-    _topk_counts(rows, ranked, group_size=2)
+    topk_counts(rows, ranked, group_size=2)
     got = {(r["level"], r["group_key"]): r["topk_count"] for r in rows}
     assert list(got.values()) == [5, 2, 4, 2, 2, 1, 3, 1, 1, 0]
     assert rows[0]["topk_share"] == 1.0 and rows[1]["topk_share"] == pytest.approx(0.4)

@@ -205,61 +205,6 @@ def _layer_comparison(rows: list[dict[str, Any]]) -> None:
                 row["density_ratio"] = row["mean"] / whole["mean"]
 
 
-def _topk_counts(rows: list[dict[str, Any]], ranked: Any, group_size: int) -> None:
-    """Count the rank run's weights per group (columns of ``ranked_weights``)."""
-    import polars as pl
-
-    k = ranked.height
-    if k == 0:
-        return
-    ranked = ranked.with_columns(  # all-NULL columns (no head among the top-k) come back untyped
-        pl.col("parameter").cast(pl.String),
-        pl.col("component").cast(pl.String),
-        pl.col("layer").cast(pl.Int64),
-        pl.col("head").cast(pl.Int64),
-    )
-    layer_key = pl.concat_str(pl.lit("layer="), pl.col("layer").cast(pl.String).fill_null("none"))
-    kv = (
-        pl.when(pl.col("component").is_in(["attn_k", "attn_v"]))
-        .then(pl.col("head"))
-        .otherwise(pl.col("head") // group_size)
-    )
-    keyed = ranked.with_columns(
-        pl.lit("all").alias("model"),
-        pl.col("parameter").alias("tensor"),
-        pl.when(pl.col("layer").is_not_null()).then(layer_key).alias("layer_k"),
-        pl.col("component").alias("component_k"),
-        pl.when(pl.col("layer").is_not_null())
-        .then(pl.concat_str(layer_key, pl.lit(","), pl.col("component")))
-        .alias("layer_component"),
-        pl.concat_str(
-            layer_key,
-            pl.lit(","),
-            pl.col("component"),
-            pl.lit(",head="),
-            pl.col("head").cast(pl.String),
-        ).alias("head_k"),
-        pl.concat_str(layer_key, pl.lit(",kv_group="), kv.cast(pl.String)).alias("kv_group"),
-    )
-    columns = {
-        "model": "model",
-        "tensor": "tensor",
-        "layer": "layer_k",
-        "component": "component_k",
-        "layer_component": "layer_component",
-        "head": "head_k",
-        "kv_group": "kv_group",
-    }
-    counts: dict[tuple[str, str], int] = {}
-    for level, column in columns.items():
-        for key, count in keyed.group_by(column).len().iter_rows():
-            if key is not None:
-                counts[(level, key)] = int(count)
-    for row in rows:
-        row["topk_count"] = counts.get((row["level"], row["group_key"]), 0)
-        row["topk_share"] = row["topk_count"] / k
-
-
 def _trends(rows: list[dict[str, Any]], score_run_id: str, options: dict) -> list[dict]:
     from cwa.analysis.trend import fit_depth_trend
 
@@ -283,42 +228,18 @@ def _trends(rows: list[dict[str, Any]], score_run_id: str, options: dict) -> lis
     return out
 
 
-def _rank_run_id(inputs: Any, run: Any, choice: str) -> str | None:
-    from cwa.store.runs import fetch_run, resolve_run_id
-
-    if choice == "none":
-        return None
-    if choice == "auto":
-        for child in inputs.child_runs(run, "rank"):
-            with inputs.store.read() as con:
-                if fetch_run(con, child).config.get("mode", "global") == "global":
-                    return child
-        return None
-    with inputs.store.read() as con:
-        rank_id = resolve_run_id(con, choice, stage="rank")
-        record = fetch_run(con, rank_id)
-    if run.run_id not in [p for p, _ in record.parents]:
-        raise InvalidInput(
-            f"rank run {rank_id} ranks score run {record.config.get('score_run')}, not "
-            f"{run.run_id}; give a rank run of this score run"
-        )
-    if record.config.get("mode", "global") != "global":
-        raise InvalidInput(
-            f"rank run {rank_id} is in {record.config.get('mode')} mode; use a global ranking"
-        )
-    return rank_id
-
-
 def _validate(inputs: Any, options: dict[str, Any]) -> None:
     from cwa.analysis.common import scored_names
+    from cwa.analysis.profile_topk import rank_run_for
 
     run = inputs.runs[0]
     scored_names(inputs, run, inputs.architecture(run))
-    _rank_run_id(inputs, run, options["rank_run"])
+    rank_run_for(inputs, run, options["rank_run"])
 
 
 def _run(inputs: Any, options: dict[str, Any], reporter: Any) -> AnalysisResult:
     from cwa.analysis.common import read_scores, scored_names
+    from cwa.analysis.profile_topk import rank_run_for, topk_counts
 
     run = inputs.runs[0]
     arch = inputs.architecture(run)
@@ -333,14 +254,14 @@ def _run(inputs: Any, options: dict[str, Any], reporter: Any) -> AnalysisResult:
     if ("model", "all") not in groups.items:
         raise InvalidInput(f"score run {run.run_id} has no finite score to profile")
     rows = _rows(groups, run.run_id)
-    rank_id = _rank_run_id(inputs, run, options["rank_run"])
+    rank_id = rank_run_for(inputs, run, options["rank_run"])
     if rank_id is not None:
         ranked = inputs.query(
             "SELECT parameter, layer, component, head FROM ranked_weights WHERE run_id = ? "
             "AND group_key = 'all'",
             [rank_id],
         )
-        _topk_counts(rows, ranked, arch.group_size)
+        topk_counts(rows, ranked, arch.group_size)
     trends = _trends(rows, run.run_id, options)
     return _result(rows, trends, rank_id)
 
