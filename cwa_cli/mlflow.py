@@ -45,7 +45,7 @@ def sync_cmd(
       cwa mlflow sync                  # every finished run, e.g. after running with --no-mlflow
       cwa mlflow sync latest:perturb --copy-scores
     """
-    from cwa.mlflow_mirror import sync_runs
+    from cwa.mlflow_sync import sync_runs
 
     with reporter_for(ctx) as reporter:
         done = sync_runs(
@@ -76,7 +76,8 @@ def ui_cmd(
 
     Example: cwa mlflow ui --port 5001
     """
-    from cwa.mlflow_mirror import experiment_url, tracking_uri
+    from cwa.mlflow_mirror import tracking_uri
+    from cwa.mlflow_sync import experiment_url
     from cwa.store import list_runs
 
     store = _store(ctx)

@@ -159,7 +159,7 @@ def delete_cmd(
     removed = delete_runs(store, run, recursive=recursive)
     deleted = list(removed)
     # The MLflow copies go too (marked deleted there), whether or not the mirror is on now.
-    from cwa.mlflow_mirror import delete_mirrored
+    from cwa.mlflow_sync import delete_mirrored
     from cwa_cli._common import reporter_for
 
     with reporter_for(ctx) as reporter:

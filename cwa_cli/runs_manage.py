@@ -74,7 +74,7 @@ def tag_cmd(
       cwa runs tag latest:perturb paper=fig3 verdict=keep
       cwa runs tag 01J9Z3 --note "bottom_k damage suspicious; rerun with more items"
     """
-    from cwa.mlflow_mirror import push_tags
+    from cwa.mlflow_sync import push_tags
     from cwa.store.tags import NOTE_KEY, parse_tag_items, set_run_tags
 
     items = parse_tag_items(tags or [])

@@ -136,7 +136,8 @@ def test_mlflow_ui_shows_the_cwa_runs(demo_store: Path, tmp_path: Path) -> None:
             "Chromium is not installed (apt-get install -y chromium or chromium-headless-shell); "
             "CI installs it in .ci/run"
         )
-    from cwa.mlflow_mirror import experiment_url, sync_runs, tracking_uri
+    from cwa.mlflow_mirror import tracking_uri
+    from cwa.mlflow_sync import experiment_url, sync_runs
 
     store = Store.open(demo_store)
     mirrored = dict(sync_runs(store))

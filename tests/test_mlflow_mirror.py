@@ -119,7 +119,8 @@ def test_demo_runs_in_mlflow_carry_lineage_data_source_and_comparable_metrics(
 
     from safetensors import safe_open
 
-    from cwa.mlflow_mirror import EXPERIMENT_KIND, sync_runs
+    from cwa.mlflow_mirror import EXPERIMENT_KIND
+    from cwa.mlflow_sync import sync_runs
 
     store = Store.open(demo_store)
     done = dict(sync_runs(store))
@@ -228,7 +229,7 @@ def test_demo_runs_in_mlflow_carry_lineage_data_source_and_comparable_metrics(
 
 
 def test_sync_copy_scores_replaces_the_earlier_copy(demo_store: Path) -> None:
-    from cwa.mlflow_mirror import sync_runs
+    from cwa.mlflow_sync import sync_runs
 
     store = Store.open(demo_store)
     first = dict(sync_runs(store, ["latest:score"]))
@@ -262,7 +263,7 @@ def test_plots_and_reports_are_copied(store: Store, monkeypatch) -> None:
 
 
 def test_runs_delete_and_tag_reach_mlflow(cli, demo_store: Path, monkeypatch) -> None:
-    from cwa.mlflow_mirror import sync_runs
+    from cwa.mlflow_sync import sync_runs
 
     done = dict(sync_runs(Store.open(demo_store)))
     monkeypatch.setenv("CWA_MLFLOW", "1")
