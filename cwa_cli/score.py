@@ -66,6 +66,14 @@ def score_cmd(
     dtype: DtypeOpt = "auto",
     device: DeviceOpt = "auto",
     trust_remote_code: TrustRemoteCodeOpt = False,
+    metric_option: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--metric-option",
+            help="Metric option KEY=VALUE, repeatable (e.g. spike_threshold=50, rounds=3 for "
+            "super_weight; micro_batch_size=4 for grad_squared).",
+        ),
+    ] = None,
     list_metrics: ListOpt = False,
 ) -> None:
     """Score every weight's sensitivity on calibration text; prints the run id(s).
@@ -82,7 +90,7 @@ def score_cmd(
         return
     from cwa.parsing import parse_int_list, parse_name_list, parse_seeds
     from cwa.stages.common import ModelOptions
-    from cwa.stages.score import DataOptions, ScoreConfig, run_score
+    from cwa.stages.score import DataOptions, ScoreConfig, parse_metric_options, run_score
 
     config = ScoreConfig(
         model=ModelOptions(model, dtype, device, trust_remote_code),
@@ -93,6 +101,7 @@ def score_cmd(
         components=parse_name_list(components),
         probes=probes,
         score_dtype=score_dtype,
+        options=parse_metric_options(metric_option),
         experiment=experiment,
         command=command_line(),
     )

@@ -49,7 +49,7 @@ BUILTIN_METRICS: tuple[tuple[str, str, str], ...] = (
     ),
     (
         "super_weight",
-        "cwa.metrics.activations:SUPER_WEIGHT",
+        "cwa.metrics.super_weights:SUPER_WEIGHT",
         "Yu et al. 2024 super weights: activation spikes at MLP down-projection in/out",
     ),
     ("random", "cwa.metrics.weights:RANDOM", "seeded uniform [0, 1) scores (sanity baseline)"),

@@ -1,4 +1,5 @@
-"""Activation-aware metrics: ``wanda`` and ``super_weight``.
+"""Activation-aware metrics: ``wanda`` (and the hooks ``super_weight`` shares; that metric lives
+in :mod:`cwa.metrics.super_weights`).
 
 Both run forward passes only (``torch.inference_mode``) over the calibration set, with hooks on
 the modules that own the selected weights. Activations are taken at every real (non-padding)
@@ -13,16 +14,7 @@ the score file (listed in the config as ``not_scored``). A tied ``lm_head`` is a
 weight *is* the token embedding: that tensor is scored through its lm_head use (input = final
 hidden states), under the embedding's parameter name.
 
-``super_weight`` (Yu et al. 2024, "The Super Weight in Large Language Models"): for each MLP down
-projection, record per input channel the max |input activation| a_j and per output channel the
-max |output activation| b_i over calibration tokens. The super-weight candidate of the layer is
-W[i*, j*] with j* = argmax a_j (the input spike) and i* = argmax b_i (the output spike); one row
-per down projection goes to the ``super_weights`` table. ``row``/``column`` there are indices
-into the parameter tensor as stored (Linear: row = output channel, column = input channel;
-Conv1D: row = input channel, column = output channel); ``input_channel``/``output_channel``
-name them explicitly. The score tensor is |W_ij| * a_j * b_i, so weights joining a spiking
-input channel to a spiking output channel score highest; only down-projection weights are
-scored.
+``super_weight``: see :mod:`cwa.metrics.super_weights`.
 """
 
 from __future__ import annotations
@@ -126,6 +118,9 @@ def _forward_calibration(
     finally:
         handle.close()
         token_mask_holder.clear()
+    from cwa import distributed
+
+    distributed.sum_(total)  # torchrun: add the other ranks' shares (identity otherwise)
     ctx.loss, ctx.n_tokens, ctx.n_sequences = float(total / n_targets), n_targets, n_sequences
 
 
@@ -172,103 +167,16 @@ def _wanda(ctx: ScoringContext) -> Iterator[tuple[str, torch.Tensor]]:
         "embedding's name)",
         not_scored=[n for n in ctx.selected if n not in owners],
     )
+    from cwa import distributed
+
     for name in plan:
-        norms = sum_squares.pop(name).sqrt_()
+        # torchrun: sum the squared norms over ranks before the square root.
+        norms = distributed.sum_(sum_squares.pop(name)).sqrt_()
         score = ctx.parameters[name].detach().float().abs()
         if owners[name].input_axis == 1:  # Linear [out, in]
             score.mul_(norms[None, :])
         else:  # Conv1D [in, out]
             score.mul_(norms[:, None])
-        yield name, score
-        del score
-
-
-# -- super weights ------------------------------------------------------------------------------
-
-
-def _down_projections(ctx: ScoringContext) -> dict[str, _HookedWeight]:
-    owners = linear_weights(ctx.model)
-    return {
-        name: owners[name]
-        for name in ctx.selected
-        if name in owners and "mlp_down" in ctx.arch.params[name].components
-    }
-
-
-def _super_weight_plan(ctx: ScoringContext) -> list[str]:
-    plan = list(_down_projections(ctx))
-    if not plan:
-        raise InvalidInput(
-            "super_weight scores MLP down-projection weights and none is selected; include the "
-            "mlp_down component"
-        )
-    return plan
-
-
-def _super_weight(ctx: ScoringContext) -> Iterator[tuple[str, torch.Tensor]]:
-    downs = _down_projections(ctx)
-    device = ctx.device
-    input_max = {n: torch.zeros(w.in_features, device=device) for n, w in downs.items()}
-    output_max = {n: torch.zeros(w.out_features, device=device) for n, w in downs.items()}
-    token_mask: list[torch.Tensor] = []
-
-    def make_hooks(name: str):  # noqa: ANN202 - torch hook signatures
-        def pre_hook(
-            module: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]
-        ) -> None:
-            x = _real_tokens(_first_input(args, kwargs), token_mask[0], name)
-            if x.shape[0]:
-                torch.maximum(input_max[name], x.abs().amax(dim=0).float(), out=input_max[name])
-
-        def post_hook(module: torch.nn.Module, args: Any, kwargs: Any, output: Any) -> None:
-            y = output[0] if isinstance(output, tuple) else output
-            y = _real_tokens(y, token_mask[0], name)
-            if y.shape[0]:
-                torch.maximum(output_max[name], y.abs().amax(dim=0).float(), out=output_max[name])
-
-        return pre_hook, post_hook
-
-    with ExitStack() as stack:
-        for name, owner in downs.items():
-            pre_hook, post_hook = make_hooks(name)
-            stack.callback(
-                owner.module.register_forward_pre_hook(pre_hook, with_kwargs=True).remove
-            )
-            stack.callback(owner.module.register_forward_hook(post_hook, with_kwargs=True).remove)
-        _forward_calibration(ctx, token_mask, "super_weight: batches")
-
-    rows: list[dict[str, Any]] = []
-    for name, owner in downs.items():
-        a, b = input_max[name], output_max[name]
-        j, i = int(torch.argmax(a)), int(torch.argmax(b))
-        row, column = (i, j) if owner.input_axis == 1 else (j, i)
-        weight = ctx.parameters[name].detach()
-        rows.append(
-            {
-                "layer": ctx.arch.params[name].layer,
-                "parameter": name,
-                "row": row,
-                "column": column,
-                "input_channel": j,
-                "output_channel": i,
-                "input_activation": float(a[j]),
-                "output_activation": float(b[i]),
-                "weight_value": float(weight[row, column]),
-            }
-        )
-    ctx.extra_tables["super_weights"] = rows
-    ctx.config.update(
-        definition="|W_ij| * max|X_j| * max|Y_i| over real calibration tokens (MLP down "
-        "projections); candidate = (argmax output channel, argmax input channel)",
-        candidates_per_layer=1,
-    )
-    for name, owner in downs.items():
-        a, b = input_max.pop(name), output_max.pop(name)
-        score = ctx.parameters[name].detach().float().abs()
-        if owner.input_axis == 1:  # Linear [out, in]
-            score.mul_(b[:, None]).mul_(a[None, :])
-        else:  # Conv1D [in, out]
-            score.mul_(a[:, None]).mul_(b[None, :])
         yield name, score
         del score
 
@@ -282,11 +190,11 @@ WANDA = MetricSpec(
     plan=_wanda_plan,
 )
 
-SUPER_WEIGHT = MetricSpec(
-    name="super_weight",
-    version="1",
-    owns_output=True,
-    description="Yu et al. 2024 super weights: activation spikes at MLP down-projection in/out",
-    compute=_super_weight,
-    plan=_super_weight_plan,
-)
+
+def __getattr__(name: str) -> Any:
+    # super_weight moved to cwa.metrics.super_weights; the old lazy target keeps working.
+    if name == "SUPER_WEIGHT":
+        from cwa.metrics.super_weights import SUPER_WEIGHT
+
+        return SUPER_WEIGHT
+    raise AttributeError(f"module 'cwa.metrics.activations' has no attribute {name!r}")

@@ -11,7 +11,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from cwa.errors import InvalidInput
-from cwa.lifecycle import RunContext, RunOutcome, StageOutput, StageRequest, execute_stage
+from cwa.lifecycle import RunContext, RunOutcome, StageOutput, StageRequest
 from cwa.progress import NULL_REPORTER, Reporter
 from cwa.stages.common import ModelOptions, check_positive
 from cwa.store import Store
@@ -98,10 +98,41 @@ def calibration_of(loaded: Any, data: DataOptions, texts: list[str]) -> dict[str
     )
 
 
+def parse_metric_options(items: list[str] | None) -> dict[str, Any]:
+    """``["rounds=2", "spike_threshold=20"]`` -> {"rounds": 2, "spike_threshold": 20.0}."""
+    options: dict[str, Any] = {}
+    for item in items or []:
+        key, sep, text = item.partition("=")
+        if not sep or not key.strip():
+            raise InvalidInput(f"metric option {item!r} is not KEY=VALUE (e.g. rounds=2)")
+        value: Any = text.strip()
+        lowered = value.lower()
+        if lowered in ("true", "false"):
+            value = lowered == "true"
+        else:
+            for cast in (int, float):
+                try:
+                    value = cast(value)
+                    break
+                except ValueError:
+                    continue
+        options[key.strip()] = value
+    return options
+
+
 def _validate(config: ScoreConfig) -> None:
     from cwa.metrics import get_metric
 
-    get_metric(config.metric)  # unknown metric: registry error before anything is loaded
+    spec = get_metric(config.metric)  # unknown metric: registry error before anything is loaded
+    unknown = sorted(set(config.options) - set(spec.options))
+    if unknown:
+        allowed = ", ".join(sorted(spec.options)) or "none"
+        raise InvalidInput(
+            f"metric {spec.name!r} has no option {unknown[0]!r}; its options: {allowed}"
+        )
+    from cwa.distributed import check_metric
+
+    check_metric(spec.name)  # under torchrun: only metrics whose sums are all-reduced
     check_positive("n-samples", config.data.n_samples)
     check_positive("seq-len", config.data.seq_len, 2)
     check_positive("batch-size", config.data.batch_size)
@@ -234,9 +265,15 @@ def _score_one(
                     "input_activation": r["input_activation"],
                     "output_activation": r["output_activation"],
                     "weight_value": r["weight_value"],
+                    "round": r.get("round"),
+                    "input_spike_ratio": r.get("input_spike_ratio"),
+                    "output_spike_ratio": r.get("output_spike_ratio"),
                 }
                 for r in supers
             ]
+        profile = outcome.extra_tables.get("activation_profile") or []
+        if profile:
+            tables["activation_profile"] = profile
         metrics = {
             "n_tensors": float(len(outcome.parameters)),
             "n_scored": float(sum(s["numel"] for s in outcome.stats)),
@@ -247,4 +284,6 @@ def _score_one(
             metrics["calibration_tokens"] = float(outcome.n_tokens)
         return StageOutput(tables=tables, metrics=metrics, value=outcome)
 
-    return execute_stage(store, request, compute, reporter=reporter, mlflow=mlflow)
+    from cwa.distributed import run_stage  # execute_stage on every rank of a torchrun world
+
+    return run_stage(store, request, compute, reporter=reporter, mlflow=mlflow)
