@@ -154,18 +154,53 @@ def _mirrored_copies(client: Any, run_id: str, known: str | None) -> list[str]:
     return sorted(ids)
 
 
+def _children(con: Any, run_id: str) -> list[tuple[str, str]]:
+    return con.execute(
+        "SELECT r.run_id, r.stage FROM run_parents p JOIN runs r ON r.run_id = p.run_id "
+        "WHERE p.parent_run_id = ? ORDER BY r.run_id",
+        [run_id],
+    ).fetchall()
+
+
 def _links(con: Any, client: Any, run: RunRecord) -> dict[str, str]:
+    """MLflow UI paths of the run's parents and children that have an active MLflow copy."""
     links = {}
-    for parent, _role in run.parents:
-        row = con.execute("SELECT mlflow_run_id FROM runs WHERE run_id = ?", [parent]).fetchone()
+    related = [p for p, _ in run.parents] + [c for c, _ in _children(con, run.run_id)]
+    for other in related:
+        row = con.execute("SELECT mlflow_run_id FROM runs WHERE run_id = ?", [other]).fetchone()
         if row and row[0]:
             try:
                 info = client.get_run(row[0]).info
             except Exception:
                 continue
             if info.lifecycle_stage == "active":
-                links[parent] = f"#/experiments/{info.experiment_id}/runs/{info.run_id}"
+                links[other] = f"#/experiments/{info.experiment_id}/runs/{info.run_id}"
     return links
+
+
+def run_description(con: Any, client: Any, run: RunRecord) -> str:
+    """The MLflow description of a run: its note and links to its parents and children."""
+    return description(
+        run,
+        _links(con, client, run),
+        tags_of(con, run.run_id).get(NOTE_KEY),
+        children=_children(con, run.run_id),
+    )
+
+
+def refresh_descriptions(store: Store, client: Any, run_ids: list[str]) -> None:
+    """Rewrite the descriptions of mirrored runs (e.g. a parent gained a child)."""
+    with store.read() as con:
+        for run_id in run_ids:
+            run = fetch_run(con, run_id)
+            if not run.mlflow_run_id:
+                continue
+            try:
+                client.set_tag(
+                    run.mlflow_run_id, "mlflow.note.content", run_description(con, client, run)
+                )
+            except Exception:  # its MLflow copy is gone; `cwa mlflow sync` recreates it
+                continue
 
 
 def source_name(run: RunRecord) -> str:
@@ -221,12 +256,11 @@ def _mirror(store: Store, run_id: str, client: Any, copy_scores: bool | None) ->
             [run_id],
         ).fetchall()
         user_tags = tags_of(con, run_id)
-        links = _links(con, client, run)
+        note = run_description(con, client, run)
     experiment_id = _experiment_id(client, store, run.experiment)
     for old in _mirrored_copies(client, run_id, run.mlflow_run_id):
         client.delete_run(old)  # a re-mirror replaces the earlier copy
     start_ms = _epoch_ms(run.created_at)
-    note = description(run, links, user_tags.get(NOTE_KEY))
     mlrun = client.create_run(
         experiment_id, start_time=start_ms, tags=_tags(run, store, user_tags, note)
     )
@@ -271,6 +305,8 @@ def _mirror(store: Store, run_id: str, client: Any, copy_scores: bool | None) ->
         client.set_terminated(mlflow_run_id, status=status, end_time=_epoch_ms(run.finished_at))
     with store.write() as con:
         con.execute("UPDATE runs SET mlflow_run_id = ? WHERE run_id = ?", [mlflow_run_id, run_id])
+    # The parents' descriptions now link to this run as their child.
+    refresh_descriptions(store, client, [p for p, _ in run.parents])
     return mlflow_run_id
 
 

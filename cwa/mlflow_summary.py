@@ -182,10 +182,12 @@ def description(
     run: RunRecord,
     links: dict[str, str],
     note: str | None = None,
+    children: list[tuple[str, str]] | tuple = (),
 ) -> str:
     """Markdown for the run's description: the note, then lineage as links to MLflow runs.
 
-    ``links`` maps cwa run ids to their MLflow UI path (``#/experiments/E/runs/R``).
+    ``links`` maps cwa run ids to their MLflow UI path (``#/experiments/E/runs/R``);
+    ``children`` lists (run id, stage) of the runs made from this one.
     """
     lines = []
     if note:
@@ -198,5 +200,11 @@ def description(
         for parent, role in run.parents:
             target = links.get(parent)
             text = f"{role}: {parent}"
+            lines.append(f"- [{text}]({target})" if target else f"- {text} (not mirrored)")
+    if children:
+        lines += ["", "Children:"]
+        for child, stage in children:
+            target = links.get(child)
+            text = f"{stage}: {child}"
             lines.append(f"- [{text}]({target})" if target else f"- {text} (not mirrored)")
     return "\n".join(lines)

@@ -14,12 +14,11 @@ from cwa.mlflow_mirror import (
     MirrorFailed,
     _client,
     _first_line,
-    _links,
     _mirror,
     _mirrored_copies,
+    refresh_descriptions,
     tracking_uri,
 )
-from cwa.mlflow_summary import description
 from cwa.progress import NULL_REPORTER, Reporter
 from cwa.store.runs import fetch_run, resolve_run_id
 from cwa.store.store import Store
@@ -70,24 +69,17 @@ def sync_runs(
 
 
 def _relink_children(store: Store, client: Any, changed: set[str]) -> None:
-    """Children of re-mirrored runs link to the new MLflow copies (descriptions rewritten)."""
+    """Parents and children of re-mirrored runs link to the new MLflow copies."""
     if not changed:
         return
     with store.read() as con:
-        children = con.execute(
-            "SELECT DISTINCT p.run_id FROM run_parents p JOIN runs r USING (run_id) "
-            "WHERE list_contains(?, p.parent_run_id) AND r.mlflow_run_id IS NOT NULL",
-            [sorted(changed)],
+        related = con.execute(
+            "SELECT DISTINCT run_id FROM run_parents WHERE list_contains($ids, parent_run_id) "
+            "UNION SELECT DISTINCT parent_run_id FROM run_parents "
+            "WHERE list_contains($ids, run_id)",
+            {"ids": sorted(changed)},
         ).fetchall()
-        for (child,) in children:
-            if child in changed:
-                continue
-            run = fetch_run(con, child)
-            note = description(run, _links(con, client, run), tags_of(con, child).get(NOTE_KEY))
-            try:
-                client.set_tag(run.mlflow_run_id, "mlflow.note.content", note)
-            except Exception:  # the child's MLflow copy is gone; sync it to recreate
-                continue
+    refresh_descriptions(store, client, sorted({r for (r,) in related} - changed))
 
 
 def push_tags(store: Store, run_id: str, removed: list[str], reporter: Reporter) -> bool:
@@ -99,9 +91,7 @@ def push_tags(store: Store, run_id: str, removed: list[str], reporter: Reporter)
         return False
     try:
         client = _client(store)
-        with store.read() as con:
-            note = description(run, _links(con, client, run), tags.get(NOTE_KEY))
-        client.set_tag(run.mlflow_run_id, "mlflow.note.content", note)
+        refresh_descriptions(store, client, [run_id])
         for key, value in tags.items():
             if key != NOTE_KEY:
                 client.set_tag(run.mlflow_run_id, key, value)

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -143,6 +144,9 @@ def test_demo_runs_in_mlflow_carry_lineage_data_source_and_comparable_metrics(
     assert link in rank.data.tags["mlflow.note.content"]
     assert f"runs/{rank.info.run_id})" in perturb.data.tags["mlflow.note.content"]
     assert f"runs/{evaluate.info.run_id})" in perturb.data.tags["mlflow.note.content"]
+    # ... and from parents to their children.
+    assert f"runs/{rank.info.run_id})" in score.data.tags["mlflow.note.content"]
+    assert f"runs/{perturb.info.run_id})" in rank.data.tags["mlflow.note.content"]
 
     # Datasets: calibration on the score run, one evaluation input per task.
     (calibration,) = score.inputs.dataset_inputs
@@ -287,3 +291,20 @@ def test_sync_of_an_unknown_run_changes_nothing(cli, demo_store: Path) -> None:
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and "no run matches 'NOSUCHRUN'" in lines[0]
     assert not (demo_store / "mlflow.db").exists()
+
+
+def test_mlflow_cli_sync_and_ui_address(cli, demo_store: Path) -> None:
+    result = cli("--json", "mlflow", "sync", "latest:rank", "latest:score")
+    assert result.exit_code == 0, result.output
+    pairs = json.loads(result.stdout)
+    details = run_details(Store(demo_store), "latest:rank")
+    assert [p["run_id"] for p in pairs] == sorted([details.run.run_id, details.run.parents[0][0]])
+    assert (
+        run_details(Store(demo_store), "latest:rank").run.mlflow_run_id == pairs[1]["mlflow_run_id"]
+    )
+    url = cli("mlflow", "ui", "--print-url", "--port", "5123")
+    assert url.exit_code == 0, url.output
+    experiment = _client(demo_store).get_experiment_by_name("demo").experiment_id
+    assert url.stdout.strip() == (
+        f"http://127.0.0.1:5123/#/experiments/{experiment}/runs?workflowType=machine_learning"
+    )
