@@ -78,6 +78,14 @@ accept_trailing_output_flags(app)  # `cwa model inspect toy --json` as well as `
 
 
 def main() -> None:
+    import os
+
+    if os.environ.get("RANK", "0").strip() not in ("", "0"):
+        # torchrun: ranks other than 0 compute but only rank 0 answers on stdout (run ids,
+        # tables), so `RUN=$(torchrun ... -m cwa_cli score ...)` reads one answer.
+        import sys
+
+        sys.stdout = open(os.devnull, "w")  # noqa: SIM115 - lives as long as the process
     app()
 
 

@@ -236,9 +236,13 @@ def score_requests(
     device = model_device(model)
     keep_logits = _accepts_logits_to_keep(model)
     handle = reporter.task(description, n)
+    from cwa import distributed
+
     try:
         with eval_mode(model):
-            for batch in plan_batches(requests, batch_size):
+            for number, batch in enumerate(plan_batches(requests, batch_size)):
+                if not distributed.owns(number):  # torchrun: another rank scores this batch
+                    continue
                 ll, gr = _score_batch(
                     model, [requests[i] for i in batch], max_length, device, keep_logits
                 )
@@ -248,7 +252,9 @@ def score_requests(
                 handle.advance(len(batch))
     finally:
         handle.close()
-    return logliks, greedy
+    # torchrun: each request was scored on exactly one rank (zeros elsewhere): exact sums.
+    greedy_count = distributed.sum_(greedy.to(torch.int64))
+    return distributed.sum_(logliks), greedy_count > 0
 
 
 def _score_batch(
@@ -337,23 +343,29 @@ def score_windows(
     device = model_device(model)
     vocab = int(getattr(getattr(model, "config", None), "vocab_size", 0) or 0)
     handle = reporter.task(description, n)
+    from cwa import distributed
+
     try:
         with eval_mode(model):
             start = 0
+            number = 0
             while start < n:
                 longest = max(int(w.tokens.numel()) for w in windows[start : start + batch_size])
                 rows = batch_size
                 if vocab:
                     rows = max(1, min(batch_size, max_logit_bytes // (longest * vocab * 4)))
                 chunk = windows[start : start + rows]
-                s, c = _score_window_batch(model, chunk, device)
-                nll[start : start + len(chunk)] = s
-                counts[start : start + len(chunk)] = c
-                handle.advance(len(chunk))
+                if distributed.owns(number):  # torchrun: else another rank scores this chunk
+                    s, c = _score_window_batch(model, chunk, device)
+                    nll[start : start + len(chunk)] = s
+                    counts[start : start + len(chunk)] = c
+                    handle.advance(len(chunk))
                 start += len(chunk)
+                number += 1
     finally:
         handle.close()
-    return nll, counts
+    # torchrun: each window was scored on exactly one rank (zeros elsewhere): exact sums.
+    return distributed.sum_(nll), distributed.sum_(counts)
 
 
 def _score_window_batch(

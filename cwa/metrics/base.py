@@ -179,11 +179,13 @@ def count_targets(batches: Sequence[Batch]) -> tuple[int, int]:
         per_row = target_mask(_attention_mask(batch)).sum(dim=1)
         tokens += int(per_row.sum())
         sequences += int((per_row > 0).sum())
-    if tokens == 0:
+    if tokens == 0 and getattr(batches, "global_counts", None) is None:
         raise InvalidInput(
             "the calibration batches contain no non-padding target tokens; use longer sequences"
         )
-    return tokens, sequences
+    # A torchrun shard (cwa.distributed.shard_batches) answers with the whole set's counts,
+    # so every rank weights its batches by the full-set N.
+    return getattr(batches, "global_counts", None) or (tokens, sequences)
 
 
 def token_nll(
@@ -235,6 +237,10 @@ def calibration_loss(
                 handle.advance()
     finally:
         handle.close()
+    from cwa import distributed
+
+    distributed.sum_(total)  # torchrun: every rank's share of the sum (identity otherwise)
+    tokens = distributed.sum_int(tokens)
     if tokens == 0:
         raise InvalidInput("the calibration batches contain no non-padding target tokens")
     return float(total / tokens), tokens

@@ -24,6 +24,7 @@ from collections.abc import Iterator
 
 import torch
 
+from cwa import distributed
 from cwa.errors import InvalidInput
 from cwa.metrics.base import (
     MetricSpec,
@@ -69,12 +70,15 @@ def _grad_x_weight(ctx: ScoringContext) -> Iterator[tuple[str, torch.Tensor]]:
                 handle.advance()
         finally:
             handle.close()
+        distributed.sum_(total)  # torchrun: add the other ranks' shares (identity otherwise)
         ctx.loss, ctx.n_tokens, ctx.n_sequences = float(total / n_targets), n_targets, n_sequences
         for i, (name, param) in enumerate(zip(names, params, strict=True)):
             if in_float32:
                 grad, param.grad = param.grad, None  # the gradient is ours now
             else:
                 grad, sums[i] = sums[i], None
+            # Sum the float32 gradient over ranks before the non-linear |w * g|.
+            grad = distributed.sum_optional(grad, param)
             if grad is None:  # parameter not reached by the loss
                 score = torch.zeros(param.shape, dtype=torch.float32, device=param.device)
             elif param.dtype == torch.float32:
@@ -146,10 +150,13 @@ def _grad_squared(ctx: ScoringContext) -> Iterator[tuple[str, torch.Tensor]]:
                     handle.advance(int((mask.sum(dim=1) > 0).sum()))
         finally:
             handle.close()
+    distributed.sum_(total)  # torchrun: add the other ranks' shares (identity otherwise)
+    n_examples = distributed.sum_int(n_examples)
     ctx.loss, ctx.n_tokens, ctx.n_sequences = float(total / n_targets), n_targets, n_sequences
     ctx.config["n_examples"] = n_examples
     for i, (name, param) in enumerate(zip(names, params, strict=True)):
         accumulated, sums[i] = sums[i], None
+        accumulated = distributed.sum_optional(accumulated, param)
         if accumulated is None:
             yield name, torch.zeros(param.shape, dtype=torch.float32, device=param.device)
         else:

@@ -26,6 +26,7 @@ from collections.abc import Iterator, Sequence
 
 import torch
 
+from cwa import distributed
 from cwa.errors import InvalidInput
 from cwa.metrics.base import (
     MetricSpec,
@@ -159,10 +160,13 @@ def hutchinson_diagonal(ctx: ScoringContext) -> Iterator[tuple[str, torch.Tensor
                 del grads
         finally:
             handle.close()
+    distributed.sum_(total)  # torchrun: add the other ranks' shares (identity otherwise)
     ctx.loss, ctx.n_tokens, ctx.n_sequences = float(total / n_targets), n_targets, n_sequences
     del probe_vectors
     for i, (name, param) in enumerate(zip(names, params, strict=True)):
         estimate, estimates[i] = estimates[i], None
+        # Every rank drew the same probes: summing z * H_b z over ranks gives the full set's.
+        estimate = distributed.sum_optional(estimate, param)
         if estimate is None:  # the loss does not curve along this parameter at all
             estimate = torch.zeros(param.shape, dtype=torch.float32, device=param.device)
         yield name, estimate.div_(probes)

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterable, Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -233,6 +233,13 @@ def score_model(
     batches = list(batches) if batches is not None else None
     if spec.needs_data and not batches:
         raise InvalidInput(f"metric {spec.name!r} needs calibration data; pass --data")
+    from cwa import distributed
+
+    distributed.check_metric(spec.name)
+    # torchrun: this rank's round-robin share of the batches (the list itself in one process).
+    had_batches = bool(batches)
+    batches = distributed.shard_batches(batches)
+    writes = distributed.world().is_writer
     layers = None if layers is None else sorted({int(x) for x in layers})
     components = _expanded_components(components)
     selection = resolve_selection(model, arch, layers, components)
@@ -269,10 +276,18 @@ def score_model(
         handle = reporter.task(f"{spec.name}: tensors", len(plan))
         produced = iter(spec.compute(ctx))
         try:
-            with ScoreFileWriter(out_path, entries, score_dtype, metadata) as writer:
+            with (
+                ScoreFileWriter(out_path, entries, score_dtype, metadata)
+                if writes
+                else nullcontext()
+            ) as writer:
                 for name, raw in produced:
                     if name not in ctx.scope_masks:
                         raise InvalidInput(f"metric {spec.name!r} scored unselected {name!r}")
+                    if not writes:  # torchrun: only rank 0 writes (its scores are the same)
+                        del raw
+                        handle.advance()
+                        continue
                     stored, values = _prepare_tensor(raw, ctx.scope_masks[name], dtype)
                     writer.write(name, stored)
                     del stored
@@ -293,7 +308,7 @@ def score_model(
             close = getattr(produced, "close", None)
             if close is not None:  # run the metric's cleanup (grad flags) now, not at GC
                 close()
-        if ctx.loss is None and batches:
+        if ctx.loss is None and had_batches:
             ctx.loss, ctx.n_tokens = calibration_loss(model, batches, reporter)
             ctx.n_sequences = count_targets(batches)[1]
     config.update(ctx.config)

@@ -17,7 +17,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from cwa.errors import InvalidInput, UsageError
-from cwa.lifecycle import RunContext, RunOutcome, StageOutput, StageRequest, execute_stage
+from cwa.lifecycle import RunContext, RunOutcome, StageOutput, StageRequest
 from cwa.progress import Reporter
 from cwa.stages.common import (
     ModelOptions,
@@ -200,4 +200,6 @@ def run_evaluate(
         tables = {"evaluations": rows, **recorder.tables()}
         return StageOutput(tables=tables, metrics=metrics, value=rows)
 
-    return execute_stage(store, request, compute, reporter=reporter, mlflow=mlflow)
+    from cwa.distributed import run_stage  # execute_stage on every rank of a torchrun world
+
+    return run_stage(store, request, compute, reporter=reporter, mlflow=mlflow)

@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from cwa.errors import InvalidInput, UsageError
-from cwa.lifecycle import RunContext, RunOutcome, StageOutput, execute_stage
+from cwa.lifecycle import RunContext, RunOutcome, StageOutput
 from cwa.progress import NULL_REPORTER, Reporter
 from cwa.stages.common import (
     calibration_records,
@@ -343,7 +343,9 @@ def run_perturb(
         head_grouping=plan.head_grouping,
         scope=plan.scope_record,
     )
-    return execute_stage(
+    from cwa.distributed import run_stage  # execute_stage on every rank of a torchrun world
+
+    return run_stage(
         store,
         request,
         lambda ctx: _compute(ctx, store, config, plan),

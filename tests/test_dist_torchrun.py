@@ -1,0 +1,144 @@
+"""torchrun data parallelism: 2 gloo processes on CPU give the single-process results.
+
+One torchrun launch (``--standalone --nproc-per-node 2``, one thread per process) runs a small
+driver that invokes the real CLI several times in the same process group: ``score`` with four
+metrics whose accumulators are all-reduced in different ways (gradient sum, per-example Fisher
+sum, Hutchinson z*Hz with shared probes, Wanda squared activation norms) and ``evaluate`` on
+perplexity, HellaSwag and LAMBADA. The same commands run in one process (in-process CLI) into
+another store; score files must agree within float32 tolerance (summation order differs),
+evaluation rows and per-item records must be equal, only rank 0 may have written (one run per
+command, the run records world_size 2, one answer on stdout).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+SCORE_ARGS = ["--model", "toy", "--n-samples", "10", "--seq-len", "24", "--batch-size", "3"]
+METRICS = [
+    ["--metric", "grad_x_weight"],
+    ["--metric", "grad_squared"],
+    ["--metric", "hutchinson_diag", "--probes", "2", "--layers", "1"],
+    ["--metric", "wanda"],
+]
+EVAL_ARGS = [
+    "evaluate", "--model", "toy", "--tasks", "perplexity,hellaswag,lambada",
+    "--limit", "11", "--batch-size", "3",
+]  # fmt: skip
+
+DRIVER = """
+import json, sys
+import torch
+torch.set_num_threads(1)
+from cwa_cli.main import main
+for argv in json.loads(sys.argv[1]):
+    sys.argv = ["cwa", *argv]
+    try:
+        main()
+    except SystemExit as exc:
+        if exc.code:
+            raise
+"""
+
+
+def _commands(store: Path) -> list[list[str]]:
+    commands = [["--store", str(store), "score", *SCORE_ARGS, *m] for m in METRICS]
+    commands.append(["--store", str(store), *EVAL_ARGS])
+    return commands
+
+
+def _scores(store: Path) -> dict[str, dict[str, object]]:
+    """metric -> {tensor name -> tensor} of every score run in the store."""
+    import duckdb
+    from safetensors import safe_open
+
+    con = duckdb.connect(str(store / "cwa.duckdb"), read_only=True)
+    runs = con.execute(
+        "SELECT run_id, json_extract_string(config, '$.metric') FROM runs "
+        "WHERE stage = 'score' ORDER BY run_id"
+    ).fetchall()
+    con.close()
+    out: dict[str, dict[str, object]] = {}
+    for run_id, metric in runs:
+        path = store / "artifacts" / run_id / "scores.safetensors"
+        with safe_open(str(path), "pt") as f:
+            out[metric] = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118
+    return out
+
+
+def _table(store: Path, sql: str) -> list[tuple]:
+    import duckdb
+
+    con = duckdb.connect(str(store / "cwa.duckdb"), read_only=True)
+    try:
+        return con.execute(sql).fetchall()
+    finally:
+        con.close()
+
+
+@pytest.mark.slow
+def test_torchrun_two_ranks_equal_one_process(tmp_path: Path, cli, one_thread) -> None:
+    torchrun = shutil.which("torchrun") or str(Path(sys.executable).parent / "torchrun")
+    if not Path(torchrun).exists():
+        pytest.skip("torchrun is not installed next to this Python")
+    single, multi = tmp_path / "single", tmp_path / "multi"
+    for argv in _commands(single):
+        result = cli(*argv)
+        assert result.exit_code == 0, result.output
+
+    driver = tmp_path / "driver.py"
+    driver.write_text(DRIVER)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "CWA_MLFLOW": "0"}
+    proc = subprocess.run(
+        [torchrun, "--standalone", "--nproc-per-node", "2", str(driver),
+         json.dumps(_commands(multi))],
+        env=env, capture_output=True, text=True, timeout=900,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-4000:]
+
+    # Rank 0 alone wrote: one run per command, each recording the world size.
+    runs = _table(multi, "SELECT stage, json_extract(config, '$.world_size') FROM runs")
+    assert sorted(r[0] for r in runs) == ["evaluate", "score", "score", "score", "score"]
+    assert all(int(r[1]) == 2 for r in runs)
+    assert all(
+        r[0] is None
+        for r in _table(single, "SELECT json_extract(config, '$.world_size') FROM runs")
+    )
+    # stdout carries each answer once (rank 1's stdout is silenced): every run id once.
+    run_ids = {r[0] for r in _table(multi, "SELECT run_id FROM runs")}
+    printed = [word for word in proc.stdout.split() if word in run_ids]
+    assert sorted(printed) == sorted(run_ids)
+
+    import torch
+
+    ref, got = _scores(single), _scores(multi)
+    assert set(ref) == set(got) == {"grad_x_weight", "grad_squared", "hutchinson_diag", "wanda"}
+    for metric, tensors in ref.items():
+        assert set(tensors) == set(got[metric])
+        for name, expected in tensors.items():
+            actual = got[metric][name]
+            scale = float(expected.nan_to_num().abs().max()) or 1.0
+            torch.testing.assert_close(
+                actual, expected, rtol=1e-4, atol=1e-5 * scale, equal_nan=True,
+                msg=lambda m, metric=metric, name=name: f"{metric} {name}: {m}",
+            )  # fmt: skip
+        assert any(float(t.nan_to_num().abs().max()) > 0 for t in tensors.values())
+    losses = "SELECT name, value FROM run_metrics WHERE name LIKE 'calibration%' ORDER BY run_id, name"
+    for (n1, v1), (n2, v2) in zip(_table(single, losses), _table(multi, losses), strict=True):
+        assert n1 == n2 and v2 == pytest.approx(v1, rel=1e-6)
+
+    rows = "SELECT task, metric, value, stderr, n FROM evaluations ORDER BY task, metric"
+    assert _table(multi, rows) == _table(single, rows)
+    items = (
+        "SELECT task, item_index, prediction, acc, acc_norm, choice_loglik, target_loglik, greedy"
+        " FROM evaluation_items ORDER BY task, item_index"
+    )
+    single_items = _table(single, items)
+    assert len(single_items) == 22 and _table(multi, items) == single_items
