@@ -196,3 +196,20 @@ def scope_from_architecture(
             f"heads={head_list}); check them with `cwa inspect`"
         )
     return entries
+
+
+def rows_in_scope(frame: Any, scope: Sequence[ScopeEntry]) -> Any:
+    """Rows of a ranking frame (columns ``parameter``, ``flat_index``) whose weight lies in
+    ``scope`` (vectorised per parameter)."""
+    import numpy as np
+    import polars as pl
+
+    keep = np.zeros(frame.height, dtype=bool)
+    names = frame["parameter"].to_numpy()
+    flat = frame["flat_index"].to_numpy()
+    for entry in scope:
+        rows = np.flatnonzero(names == entry.name)
+        if rows.size == 0:
+            continue
+        keep[rows] = True if entry.mask is None else entry.mask.numpy()[flat[rows]]
+    return frame.filter(pl.Series(keep))

@@ -261,3 +261,36 @@ def summarize(
             "ratio": float("nan") if not base else mean / base,
         }
     return out
+
+
+def conditions_frame(rows: list[dict[str, Any]]) -> Any:
+    import json
+
+    import polars as pl
+
+    return pl.DataFrame(
+        [{**r, "scope": json.dumps(r["scope"])} for r in rows],
+        schema={
+            "condition_id": pl.String,
+            "selection": pl.String,
+            "role": pl.String,
+            "method": pl.String,
+            "scale": pl.Float64,
+            "bit": pl.Int64,
+            "k": pl.Int64,
+            "seed": pl.Int64,
+            "n_changed": pl.Int64,
+            "scope": pl.String,
+            "checksum_before": pl.String,
+            "checksum_after": pl.String,
+            "restored": pl.Boolean,
+        },
+    )
+
+
+def groups_frame(rows: list[dict[str, Any]]) -> Any:
+    import polars as pl
+
+    return pl.DataFrame(
+        rows, schema={"condition_id": pl.String, "group_key": pl.String, "k": pl.Int64}
+    )

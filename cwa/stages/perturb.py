@@ -21,19 +21,23 @@ the rank run's key: ``|score|`` for signed metrics; exact-zero scores excluded),
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from cwa.errors import InvalidInput, UsageError
+from cwa.errors import InvalidInput
 from cwa.lifecycle import RunContext, RunOutcome, StageOutput
 from cwa.progress import NULL_REPORTER, Reporter
 from cwa.stages.common import (
     calibration_records,
-    check_positive,
     is_toy_ref,
     stored_evaluation,
+)
+from cwa.stages.perturb_options import (  # parse_heads, validate_config: re-exported
+    CheckedOptions,
+    parse_heads,
+    perturb_scope,
+    validate_config,
 )
 from cwa.stages.setup import load_source_model, stage_request
 from cwa.store import Store
@@ -41,6 +45,15 @@ from cwa.store.runs import RunRecord
 
 # Re-exported for callers of the old module layout.
 from cwa.perturbation.sweep import Condition, summarize  # noqa: E402,F401  isort: skip
+
+__all__ = [
+    "Condition",
+    "PerturbConfig",
+    "parse_heads",
+    "run_perturb",
+    "summarize",
+    "validate_config",
+]
 
 
 @dataclass
@@ -66,74 +79,6 @@ class PerturbConfig:
     treatment: str = "top_k"
 
 
-def parse_heads(text: str | None) -> list[tuple[int, int]] | None:
-    """'3.1,5.0' -> [(3, 1), (5, 0)] (layer.head)."""
-    if text is None or not text.strip():
-        return None
-    heads = []
-    for part in text.split(","):
-        layer, dot, head = part.strip().partition(".")
-        if not dot or not layer.isdigit() or not head.isdigit():
-            raise InvalidInput(f"cannot read head {part.strip()!r}; write LAYER.HEAD like 3.1")
-        heads.append((int(layer), int(head)))
-    return heads
-
-
-@dataclass
-class CheckedOptions:
-    method: Any  # PerturbationMethod
-    treatment: Any  # ParsedSelection
-    controls: list[Any]  # ParsedSelection
-
-
-def validate_config(config: PerturbConfig) -> CheckedOptions:
-    """Checks that need neither the store nor the model (run before anything is opened)."""
-    from cwa.perturbation.apply import get_method
-    from cwa.perturbation.contract import parse_selection
-
-    method = get_method(config.method)
-    config.method = method.name
-    treatment = parse_selection(config.treatment)
-    if treatment.spec.role != "treatment":
-        raise InvalidInput(
-            f"{treatment.label!r} is a control, not a treatment; put it in --controls"
-        )
-    controls = []
-    for text in config.controls:
-        parsed = parse_selection(text)
-        if parsed.spec.role != "control":
-            raise InvalidInput(
-                f"{parsed.label!r} is a treatment and always runs as --treatment; list only "
-                "controls in --controls (random_k, bottom_k, all_k or a plugin)"
-            )
-        if parsed.label in {c.label for c in controls}:
-            raise InvalidInput(f"control {parsed.label!r} is listed twice in --controls")
-        controls.append(parsed)
-    if method.requires_scale and not config.scales:
-        raise UsageError(f"--method {method.name} needs --scale S (or --scales 0.5,1,2)")
-    if config.scales and not method.takes_scale:
-        raise UsageError(f"--method {method.name} takes no --scale")
-    if config.bit is not None and not method.takes_bit:
-        raise UsageError(
-            f"--bit applies only to methods that flip a bit (bit_flip), not {method.name}"
-        )
-    for k in config.k_values or []:
-        check_positive("k-values", k)
-    for scale in config.scales or []:
-        if not math.isfinite(scale):
-            raise InvalidInput(f"--scale {scale} is not a finite number")
-        if method.nonnegative_scale and scale < 0:
-            raise InvalidInput(f"--scale for {method.name} is a level and must be >= 0")
-    if config.bit is not None and config.bit < 0:
-        raise InvalidInput(f"--bit {config.bit} is negative; bits count from 0")
-    if not config.seeds:
-        raise InvalidInput("--seeds is empty; give at least one seed")
-    check_positive("batch-size", config.batch_size)
-    if config.limit is not None:
-        check_positive("limit", config.limit)
-    return CheckedOptions(method, treatment, controls)
-
-
 @dataclass
 class PerturbPlan:
     """Everything validated before the run is registered."""
@@ -154,66 +99,6 @@ class PerturbPlan:
     parents: list[tuple[str, str]]
 
 
-def _narrowed(*lists: list | None) -> list | None:
-    present = [set(x) for x in lists if x]
-    if not present:
-        return None
-    common = set.intersection(*present)
-    if not common:
-        raise InvalidInput(
-            "the requested layers/components do not overlap the ranking's scope; nothing "
-            "would be perturbed: pick layers/components the rank run covered"
-        )
-    return sorted(common)
-
-
-def _scope(arch: Any, score_run: RunRecord, rank_run: RunRecord, config: PerturbConfig) -> Any:
-    """The weights the ranking covered, narrowed by the targeted options (checked on ``arch``)."""
-    from cwa.models.architecture import resolve_components
-    from cwa.perturbation.scope import scope_from_architecture
-
-    def comps(x: list[str] | None) -> list[str] | None:
-        return None if not x else list(resolve_components(x))
-
-    for layer in config.layers or []:
-        arch._check_layer(layer)  # a layer the model does not have: say so
-    layers = _narrowed(score_run.config.get("layers"), rank_run.config.get("layers"), config.layers)
-    components = _narrowed(
-        comps(score_run.config.get("components")),
-        comps(rank_run.config.get("components")),
-        comps(config.components),
-    )
-    heads = config.heads
-    for layer, head in heads or []:
-        arch._check_layer(layer)
-        arch._check_head(head, max(arch.n_heads, arch.n_kv_heads))
-    if heads is None and rank_run.config.get("mode") == "head":
-        # A head ranking covers only attention-head elements: so must the controls.
-        layer_ids = layers if layers is not None else range(arch.n_layers)
-        heads = [(layer, h) for layer in layer_ids for h in range(arch.n_heads)]
-        if components is None:
-            components = ["attn_q", "attn_k", "attn_v", "attn_o"]
-    scope = scope_from_architecture(arch, layers=layers, components=components, heads=heads)
-    record = {"layers": layers, "components": components, "heads": heads}
-    return scope, record
-
-
-def _in_scope(frame: Any, scope: list[Any]) -> Any:
-    """Keep ranking rows whose weight lies in the scope (vectorised per parameter)."""
-    import numpy as np
-    import polars as pl
-
-    keep = np.zeros(frame.height, dtype=bool)
-    names = frame["parameter"].to_numpy()
-    flat = frame["flat_index"].to_numpy()
-    for entry in scope:
-        rows = np.flatnonzero(names == entry.name)
-        if rows.size == 0:
-            continue
-        keep[rows] = True if entry.mask is None else entry.mask.numpy()[flat[rows]]
-    return frame.filter(pl.Series(keep))
-
-
 def ranking_key(rank_run: RunRecord, score_run: RunRecord) -> str:
     """The key the rank run ranked by ("abs" or "value"); runs from before keys were recorded
     ranked by value."""
@@ -227,6 +112,7 @@ def prepare_perturb(
     from cwa.evaluation.tasks import plan_tasks
     from cwa.perturbation.contract import SelectionCheck
     from cwa.perturbation.groups import group_scopes
+    from cwa.perturbation.scope import rows_in_scope
     from cwa.scorefile import read_score_header
     from cwa.stages.score import SCORE_FILE
     from cwa.store.results import count_ranked, parent_run, ranked_rows, succeeded_run
@@ -275,7 +161,7 @@ def prepare_perturb(
         store, score_run, device=config.device, reporter=reporter, loaded=loaded
     )
     arch = loaded.arch
-    scope, scope_record = _scope(arch, score_run, rank_run, config)
+    scope, scope_record = perturb_scope(arch, score_run, rank_run, config)
     # Only tensors the score run scored were ranked (wanda and super_weight score a subset).
     scored, _ = read_score_header(store.artifacts_dir(score_run.run_id) / SCORE_FILE)
     scope = [entry for entry in scope if entry.name in scored]
@@ -286,7 +172,7 @@ def prepare_perturb(
     params = dict(loaded.model.named_parameters())
     for dtype in sorted({params[e.name].dtype for e in scope}, key=str):
         options.method.resolve_bit(config.bit, dtype)  # --bit outside the dtype: refused here
-    ranking = _in_scope(ranked_rows(store, rank_id), scope)
+    ranking = rows_in_scope(ranked_rows(store, rank_id), scope)
     if ranking.height == 0:
         raise InvalidInput(
             f"no weight ranked by rank run {rank_id} lies in the requested scope (layers "
@@ -369,7 +255,13 @@ def _compute(
     ctx: RunContext, store: Store, config: PerturbConfig, plan: PerturbPlan
 ) -> StageOutput:
     from cwa.evaluation.records import ItemRecorder
-    from cwa.perturbation.sweep import SweepInputs, plan_conditions, run_sweep
+    from cwa.perturbation.sweep import (
+        SweepInputs,
+        conditions_frame,
+        groups_frame,
+        plan_conditions,
+        run_sweep,
+    )
     from cwa.stages.evaluate import evaluate_plans
     from cwa.stages.score import SCORE_FILE
 
@@ -439,43 +331,10 @@ def _compute(
     return StageOutput(
         tables={
             "evaluations": rows,
-            "perturbation_conditions": _conditions_frame(result.conditions),
-            "condition_groups": _groups_frame(result.groups),
+            "perturbation_conditions": conditions_frame(result.conditions),
+            "condition_groups": groups_frame(result.groups),
             **items.tables(result.conditions),
         },
         metrics=metrics,
         value={"summary": summary, "conditions": result.conditions, "rows": rows},
-    )
-
-
-def _conditions_frame(rows: list[dict[str, Any]]) -> Any:
-    import json
-
-    import polars as pl
-
-    return pl.DataFrame(
-        [{**r, "scope": json.dumps(r["scope"])} for r in rows],
-        schema={
-            "condition_id": pl.String,
-            "selection": pl.String,
-            "role": pl.String,
-            "method": pl.String,
-            "scale": pl.Float64,
-            "bit": pl.Int64,
-            "k": pl.Int64,
-            "seed": pl.Int64,
-            "n_changed": pl.Int64,
-            "scope": pl.String,
-            "checksum_before": pl.String,
-            "checksum_after": pl.String,
-            "restored": pl.Boolean,
-        },
-    )
-
-
-def _groups_frame(rows: list[dict[str, Any]]) -> Any:
-    import polars as pl
-
-    return pl.DataFrame(
-        rows, schema={"condition_id": pl.String, "group_key": pl.String, "k": pl.Int64}
     )
