@@ -109,7 +109,7 @@ def test_clusters_then_clustered_perturbation_then_effects(
     perturb_id = _run_id(
         cli("--json", "perturb", rank_id, "--treatment", f"cluster:{cluster_id}",
             "--controls", "random_k", "--seeds", "0,1,2", "--method", "zero",
-            "--eval", "perplexity", "--limit", "10")
+            "--eval", "perplexity,lambada", "--limit", "10")
     )  # fmt: skip
     conditions = _rows(
         store_path,
@@ -128,7 +128,8 @@ def test_clusters_then_clustered_perturbation_then_effects(
     effects = _rows(
         store_path,
         "SELECT selection, value, baseline, delta FROM perturbation_effects "
-        "WHERE run_id = ? AND metric = 'perplexity' ORDER BY selection, seed",
+        "WHERE run_id = ? AND task = 'perplexity' AND metric = 'perplexity' "
+        "ORDER BY selection, seed",
         [perturb_id],
     )
     treated = effects[0]
@@ -136,7 +137,7 @@ def test_clusters_then_clustered_perturbation_then_effects(
     ((view_k, damage, control_delta, n_control),) = _rows(
         store_path,
         "SELECT k, damage_per_weight, control_delta, n_control FROM cluster_perturbation_damage "
-        "WHERE perturb_run_id = ? AND metric = 'perplexity'",
+        "WHERE perturb_run_id = ? AND task = 'perplexity' AND metric = 'perplexity'",
         [perturb_id],
     )
     assert view_k == sizes[cluster_id] and n_control == 3
@@ -147,7 +148,7 @@ def test_clusters_then_clustered_perturbation_then_effects(
     ((difference, ratio, low, high, z),) = _rows(
         store_path,
         "SELECT difference, ratio, ci_low, ci_high, z FROM analysis_effects WHERE run_id = ? "
-        "AND metric = 'perplexity' AND control = 'random_k'",
+        "AND task = 'perplexity' AND metric = 'perplexity' AND control = 'random_k'",
         [effects_id],
     )
     assert difference == pytest.approx(treated[1] - controls.mean())
@@ -155,6 +156,45 @@ def test_clusters_then_clustered_perturbation_then_effects(
     ci = stats.ttest_1samp(controls, popmean=0).confidence_interval(0.95)
     assert (low, high) == pytest.approx((treated[1] - ci.high, treated[1] - ci.low))
     assert z == pytest.approx((treated[1] - controls.mean()) / controls.std(ddof=1))
+    # Flipped items (per-item records of lambada): brute force over evaluation_items.
+    items = _rows(
+        store_path,
+        "SELECT condition_id, item_index, acc FROM evaluation_items WHERE run_id = ? "
+        "AND task = 'lambada'",
+        [perturb_id],
+    )
+    base = {i: acc for c, i, acc in items if c is None}
+    assert len(base) == 10
+    flips = _rows(
+        store_path,
+        "SELECT condition_id, n_items, n_flipped, correct_to_wrong, wrong_to_correct FROM "
+        "analysis_effect_flips WHERE run_id = ? AND task = 'lambada'",
+        [effects_id],
+    )
+    assert len(flips) == 4  # the cluster and three random_k seeds
+    for condition_id, n_items, n_flipped, c2w, w2c in flips:
+        mine = [(i, acc) for c, i, acc in items if c == condition_id]
+        assert n_items == len(mine) == 10
+        assert n_flipped == sum(acc != base[i] for i, acc in mine)
+        assert c2w == sum(base[i] > 0 and acc == 0 for i, acc in mine)
+        assert w2c == sum(base[i] == 0 and acc > 0 for i, acc in mine)
+    listed = set(
+        _rows(
+            store_path,
+            "SELECT condition_id, item_index FROM analysis_flipped_items WHERE run_id = ? "
+            "AND task = 'lambada'",
+            [effects_id],
+        )
+    )
+    # For LAMBADA prediction = greedy = acc, so issue 9's flipped_items view lists the same.
+    assert listed == set(
+        _rows(
+            store_path,
+            "SELECT condition_id, item_index FROM flipped_items WHERE run_id = ? "
+            "AND task = 'lambada'",
+            [perturb_id],
+        )
+    )
 
 
 @pytest.fixture

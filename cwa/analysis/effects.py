@@ -62,6 +62,31 @@ def _validate(inputs: Any, options: dict[str, Any]) -> None:
             )
 
 
+def _with_reused_baselines(inputs: Any, items: Any) -> Any:
+    """Per-item rows, plus the baseline items of runs whose baseline was reused from another
+    run (its 'baseline' parent), relabelled as the perturb run's own baseline."""
+    import polars as pl
+
+    have = set(items.filter(pl.col("condition_id").is_null())["run_id"].unique().to_list())
+    extra = []
+    for run in inputs.runs:
+        if run.run_id in have:
+            continue
+        for parent, role in run.parents:
+            if role != "baseline":
+                continue
+            rows = inputs.query(
+                "SELECT ? AS run_id, condition_id, task, item_index, gold, prediction, acc, "
+                "task_config_hash FROM evaluation_items WHERE run_id = ? AND condition_id IS NULL",
+                [run.run_id, parent],
+            )
+            if rows.height:
+                extra.append(rows)
+    if not extra:
+        return items
+    return pl.concat([items, *extra], how="vertical_relaxed")
+
+
 def _run(inputs: Any, options: dict[str, Any], reporter: Any) -> AnalysisResult:
     import polars as pl
 
@@ -90,6 +115,7 @@ def _run(inputs: Any, options: dict[str, Any], reporter: Any) -> AnalysisResult:
             f"task_config_hash FROM evaluation_items WHERE run_id IN ({_marks(len(ids))})",
             ids,
         )
+        items = _with_reused_baselines(inputs, items)
         if items.height:
             summary, flips = flipped_items(conditions, items)
             tables["analysis_effect_flips"] = summary
