@@ -75,3 +75,28 @@ ORDER BY k, stability_rank;
 SELECT run_id, metric_a, metric_b, statistic, round(value, 4) AS value, n
 FROM analysis_metric_agreement
 ORDER BY run_id DESC, metric_a, metric_b, statistic;
+
+-- name: clusters_that_hurt_most
+-- Which weight clusters hurt perplexity most per perturbed weight, next to matched random weights? (cwa perturb --treatment cluster:ID)
+SELECT perturb_run_id, cluster_id, cluster_size, top_component, top_layer, method, k,
+       round(delta, 6) AS delta, damage_per_weight, control_damage_per_weight,
+       damage_per_weight / nullif(control_damage_per_weight, 0) AS times_control
+FROM cluster_perturbation_damage
+WHERE task = 'perplexity' AND metric = 'perplexity'
+ORDER BY damage_per_weight DESC;
+
+-- name: effect_sizes_per_selection
+-- How far is each treatment from each matched control? (difference, 95% t-interval, z; newest effects analysis)
+SELECT perturb_run_id, treatment, control, method, scale, k, task, metric,
+       treatment_mean, control_mean, difference, ci_low, ci_high, z, damage_per_weight
+FROM analysis_effects
+WHERE run_id = (SELECT max(run_id) FROM runs WHERE stage = 'analyze'
+                AND config->>'analyzer' = 'effects' AND status = 'succeeded')
+ORDER BY task, metric, k, treatment, control;
+
+-- name: verified_super_weights
+-- Which super-weight candidates are real? (zeroing one alone vs zeroing random weights of its tensor)
+SELECT score_run_id, layer, parameter, row_index, column_index, weight_value, baseline, zeroed,
+       round(ratio, 3) AS ratio, round(z_score, 1) AS z_score, is_super_weight, rule
+FROM verified_super_weights
+ORDER BY score_run_id, layer;
