@@ -50,6 +50,11 @@ def query(store: Store, sql: str, params: dict[str, Any] | None = None) -> pl.Da
     with store.read() as con:
         try:
             statements = con.extract_statements(sql)
+            if not statements:
+                raise InvalidInput(
+                    "the SQL holds no statement (only comments?); pass a query such as "
+                    '"SELECT * FROM runs"'
+                )
             _refuse_writes([st.type.name for st in statements])
             if len(statements) > 1:
                 raise InvalidInput(
