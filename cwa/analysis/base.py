@@ -23,7 +23,9 @@ stage (:mod:`cwa.stages.analyze`) does everything around it, in this order:
    (``migrations/0007_analysis.sql``, ``0008_analysis_more.sql``). A plugin may return a
    table that does not exist in the schema: its rows are stored as JSON in ``analysis_rows``
    (run_id, analyzer, table_name, row_index, data).
-6. The CLI prints ``result.display`` (a few :class:`DisplayTable` s) and the run id.
+6. ``result.effective`` (settings found while computing, e.g. the rank run profile used) is
+   added to the run config under ``effective``. The CLI prints ``result.display`` (a few
+   :class:`DisplayTable` s) and the run id; ``--json`` gives them as lists of row objects.
 
 What :class:`AnalysisInputs` gives an analyzer:
 
