@@ -95,10 +95,12 @@ def _first_line(exc: BaseException) -> str:
 
 
 def _client(store: Store) -> Any:
-    for name in ("alembic", "mlflow"):
-        logging.getLogger(name).setLevel(logging.WARNING)
     from mlflow.tracking import MlflowClient
 
+    # MLflow configures its loggers on import; quieten them afterwards ("Creating initial MLflow
+    # database tables..." is chatter, not something a researcher acts on).
+    for name in ("alembic", "mlflow", "mlflow.store.db.utils"):
+        logging.getLogger(name).setLevel(logging.WARNING)
     return MlflowClient(tracking_uri=tracking_uri(store))
 
 
