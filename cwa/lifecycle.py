@@ -19,8 +19,6 @@ artifact folder unless it holds pending results.
 
 from __future__ import annotations
 
-import hashlib
-import json
 import os
 import shutil
 import signal
@@ -29,7 +27,6 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +34,7 @@ from cwa import __version__
 from cwa.errors import CwaError, InvalidInput
 from cwa.progress import NULL_REPORTER, Reporter
 from cwa.provenance import git_sha, library_versions
+from cwa.recovery import _now, _to_arrow, write_pending  # noqa: F401  (write_pending re-exported)
 from cwa.store.ids import new_run_id
 from cwa.store.runs import RunRecord, fetch_run, insert_run, mark_stale_runs
 from cwa.store.store import Store
@@ -115,10 +113,6 @@ class RunContext:
         self.model_ref = ref
         self.model_fingerprint = fingerprint
         self.device = device
-
-
-def _now() -> datetime:
-    return datetime.now(UTC).replace(tzinfo=None)
 
 
 def _mlflow_enabled(flag: bool | None) -> bool:
@@ -204,20 +198,6 @@ def _finish(
         )
 
 
-def _to_arrow(rows: Any, run_id: str) -> Any:
-    import polars as pl
-
-    if isinstance(rows, pl.DataFrame):
-        frame = rows
-    elif isinstance(rows, list):
-        frame = pl.DataFrame(rows, infer_schema_length=None)
-    else:  # assume pyarrow.Table
-        frame = pl.from_arrow(rows)
-    if "run_id" not in frame.columns:
-        frame = frame.with_columns(pl.lit(run_id).alias("run_id"))
-    return frame.to_arrow()
-
-
 def write_results(store: Store, ctx: RunContext, output: StageOutput, started: float) -> None:
     """All result rows, metrics, artifacts and the success mark in one transaction.
 
@@ -247,71 +227,6 @@ def write_results(store: Store, ctx: RunContext, output: StageOutput, started: f
     save_pending(store, pending)
     write_pending(store, pending)
     discard_pending(store, ctx.run_id)
-
-
-def write_pending(store: Store, pending: Any) -> None:
-    """Insert a run's :class:`~cwa.recovery.PendingResults` and mark it succeeded (one
-    transaction; the artifact list excludes the pending folder itself)."""
-    from cwa.recovery import PENDING_DIR
-
-    artifacts = []
-    folder = store.artifacts_dir(pending.run_id)
-    if folder.exists():
-        for path in sorted(p for p in folder.rglob("*") if p.is_file()):
-            name = path.relative_to(folder).as_posix()
-            if name.split("/")[0] == PENDING_DIR:
-                continue
-            kind = pending.artifact_kinds.get(name, _guess_kind(name))
-            artifacts.append((pending.run_id, name, kind, path.stat().st_size, _sha256(path)))
-    with store.write() as con:
-        for table, arrow in pending.tables.items():
-            con.register("_cwa_rows", arrow)
-            try:
-                con.execute(f'INSERT INTO "{table}" BY NAME SELECT * FROM _cwa_rows')
-            finally:
-                con.unregister("_cwa_rows")
-        for name, value in pending.metrics.items():
-            con.execute(
-                "INSERT INTO run_metrics VALUES (?, ?, ?)",
-                [pending.run_id, name, None if value is None else float(value)],
-            )
-        if artifacts:
-            con.executemany("INSERT INTO run_artifacts VALUES (?, ?, ?, ?, ?)", artifacts)
-        con.execute(
-            "UPDATE runs SET status = 'succeeded', finished_at = ?, duration_s = ?, error = NULL, "
-            "model_ref = ?, model_fingerprint = ?, device = ?, config = ? WHERE run_id = ?",
-            [
-                _now(),
-                pending.duration_s,
-                pending.model_ref,
-                pending.model_fingerprint,
-                pending.device,
-                json.dumps(pending.config, sort_keys=True, default=str),
-                pending.run_id,
-            ],
-        )
-
-
-def _guess_kind(name: str) -> str:
-    suffix = Path(name).suffix.lower()
-    return {
-        ".safetensors": "scores",
-        ".png": "plot",
-        ".svg": "plot",
-        ".pdf": "plot",
-        ".html": "report",
-        ".csv": "table",
-        ".parquet": "table",
-        ".json": "data",
-    }.get(suffix, "other")
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def _error_text(exc: BaseException) -> str:

@@ -1,4 +1,7 @@
-"""Computed results are never lost: pending results on disk, and ``cwa runs recover``.
+"""Writing a stage's results, and never losing them: pending results on disk, ``cwa runs recover``.
+
+:func:`write_pending` is the one place results are written: every table, the metrics, the
+artifact list and the success mark, in one transaction.
 
 Before a stage's final write, :func:`save_pending` stores what the write will insert (every
 result table as parquet, the metrics, the effective config and model provenance) under
@@ -12,9 +15,11 @@ run registers; its partial artifact folder is then removed, unless it holds pend
 
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -24,6 +29,13 @@ if TYPE_CHECKING:
     from cwa.store.store import Store
 
 PENDING_DIR = ".pending"
+
+
+def _now() -> datetime:
+    """Naive UTC now (the store keeps UTC timestamps without a zone)."""
+    return datetime.now(UTC).replace(tzinfo=None)
+
+
 _STATE_FILE = "state.json"
 
 
@@ -40,6 +52,83 @@ class PendingResults:
     device: str | None
     duration_s: float
     artifact_kinds: dict[str, str] = field(default_factory=dict)
+
+
+def _to_arrow(rows: Any, run_id: str) -> Any:
+    import polars as pl
+
+    if isinstance(rows, pl.DataFrame):
+        frame = rows
+    elif isinstance(rows, list):
+        frame = pl.DataFrame(rows, infer_schema_length=None)
+    else:  # assume pyarrow.Table
+        frame = pl.from_arrow(rows)
+    if "run_id" not in frame.columns:
+        frame = frame.with_columns(pl.lit(run_id).alias("run_id"))
+    return frame.to_arrow()
+
+
+def write_pending(store: Store, pending: Any) -> None:
+    """Insert a run's :class:`~cwa.recovery.PendingResults` and mark it succeeded (one
+    transaction; the artifact list excludes the pending folder itself)."""
+    artifacts = []
+    folder = store.artifacts_dir(pending.run_id)
+    if folder.exists():
+        for path in sorted(p for p in folder.rglob("*") if p.is_file()):
+            name = path.relative_to(folder).as_posix()
+            if name.split("/")[0] == PENDING_DIR:
+                continue
+            kind = pending.artifact_kinds.get(name, _guess_kind(name))
+            artifacts.append((pending.run_id, name, kind, path.stat().st_size, _sha256(path)))
+    with store.write() as con:
+        for table, arrow in pending.tables.items():
+            con.register("_cwa_rows", arrow)
+            try:
+                con.execute(f'INSERT INTO "{table}" BY NAME SELECT * FROM _cwa_rows')
+            finally:
+                con.unregister("_cwa_rows")
+        for name, value in pending.metrics.items():
+            con.execute(
+                "INSERT INTO run_metrics VALUES (?, ?, ?)",
+                [pending.run_id, name, None if value is None else float(value)],
+            )
+        if artifacts:
+            con.executemany("INSERT INTO run_artifacts VALUES (?, ?, ?, ?, ?)", artifacts)
+        con.execute(
+            "UPDATE runs SET status = 'succeeded', finished_at = ?, duration_s = ?, error = NULL, "
+            "model_ref = ?, model_fingerprint = ?, device = ?, config = ? WHERE run_id = ?",
+            [
+                _now(),
+                pending.duration_s,
+                pending.model_ref,
+                pending.model_fingerprint,
+                pending.device,
+                json.dumps(pending.config, sort_keys=True, default=str),
+                pending.run_id,
+            ],
+        )
+
+
+def _guess_kind(name: str) -> str:
+    suffix = Path(name).suffix.lower()
+    return {
+        ".safetensors": "scores",
+        ".png": "plot",
+        ".svg": "plot",
+        ".pdf": "plot",
+        ".html": "report",
+        ".csv": "table",
+        ".parquet": "table",
+        ".json": "data",
+    }.get(suffix, "other")
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 def pending_dir(store: Store, run_id: str) -> Path:
@@ -133,7 +222,7 @@ def recover_run(store: Store, ref: str, *, mlflow: bool | None = None, reporter:
     Returns the :class:`~cwa.lifecycle.RunOutcome`. Refused for a run that succeeded, is still
     running, or has no pending results.
     """
-    from cwa.lifecycle import RunOutcome, _mlflow_enabled, write_pending
+    from cwa.lifecycle import RunOutcome, _mlflow_enabled
     from cwa.store.runs import fetch_run, resolve_run_id
 
     with store.read() as con:
