@@ -308,3 +308,13 @@ def test_mlflow_cli_sync_and_ui_address(cli, demo_store: Path) -> None:
     assert url.stdout.strip() == (
         f"http://127.0.0.1:5123/#/experiments/{experiment}/runs?workflowType=machine_learning"
     )
+
+
+def test_sync_to_an_unreachable_mlflow_is_one_line(cli, demo_store: Path, monkeypatch) -> None:
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "unknownscheme://nowhere")
+    before = _rows(demo_store, "SELECT run_id, mlflow_run_id FROM runs ORDER BY run_id")
+    result = cli("mlflow", "sync")
+    assert result.exit_code == 1
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "unknownscheme://nowhere" in lines[0], lines
+    assert _rows(demo_store, "SELECT run_id, mlflow_run_id FROM runs ORDER BY run_id") == before
