@@ -69,6 +69,10 @@ def analyze_cmd(
     rank_run: Annotated[
         str | None, typer.Option("--rank-run", help="Rank run to use (option rank_run).")
     ] = None,
+    verify: Annotated[
+        bool,
+        typer.Option("--verify", help="super_weights: ablate each candidate (option verify)."),
+    ] = False,
     plugin: Annotated[
         list[str] | None,
         typer.Option("--plugin", help="Register an analyzer plugin module:attr (repeatable)."),
@@ -84,6 +88,7 @@ def analyze_cmd(
       cwa analyze stability --experiment seeds --k-values 100,1000,0.1%
       cwa analyze correlation RUN_A RUN_B
       cwa analyze drift BASE_RUN TUNED_RUN -o threshold=0.5
+      cwa analyze super_weights latest:score --verify
     """
     from cwa.analysis import ANALYZERS
     from cwa.analysis import list_analyzers as available
@@ -104,6 +109,8 @@ def analyze_cmd(
     for name, value in (("k_values", k_values), ("k", k), ("p", p), ("rank_run", rank_run)):
         if value is not None:
             options[name] = value
+    if verify:
+        options["verify"] = "true"
     config = AnalyzeConfig(
         analyzer=analyzer,
         runs=list(runs or []),

@@ -236,6 +236,7 @@ def test_bad_cluster_inputs_register_nothing(cli, tiny_chain, tiny_world, store_
         (("analyze", "clusters", score_id, "-o", "n_clusters=500", "-o", "top_n=10",
           "-o", "sample_size=10"), "exceeds the at most 20 weights"),
         (("analyze", "clusters", score_id, "-o", "clusters=3"), "no option 'clusters'"),
+        (("analyze", "clusters", score_id, "--verify"), "no option 'verify'"),
         (("analyze", "effects", score_id), "takes perturb runs"),
         (("analyze", "effects", rank_id), "takes perturb runs"),
     ]  # fmt: skip

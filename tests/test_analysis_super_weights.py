@@ -86,7 +86,7 @@ def _perplexity(folder: Path, data: Path, zero: tuple[str, int] | None) -> float
 def test_planted_super_weight_is_found_and_verified(cli, planted, store_path, one_thread) -> None:
     score_id = _score(cli, planted)
     out = _ok(
-        cli("--json", "analyze", "super_weights", score_id, "-o", "verify=true",
+        cli("--json", "analyze", "super_weights", score_id, "--verify",
             "-o", "seeds=3", "-o", "limit=12")
     )  # fmt: skip
     analysis_id = out["runs"][0]["run_id"]
