@@ -192,10 +192,9 @@ def import_runs(store_path: str | Path | None, folder: Path) -> ImportResult:
     store = Store(store_path)
     if store.db_path.exists():
         store = Store.open_existing(store_path)  # refuses stores of a newer cwa
-        with store.read() as con:
-            target_schema = _schema(con)
-    else:
-        target_schema = [{"name": m.name, "checksum": m.checksum} for m in store.known_migrations()]
+    # The store will have exactly this cwa's migrations once opened for writing (an existing
+    # store of an older cwa is migrated then), so that is the schema the export must match.
+    target_schema = [{"name": m.name, "checksum": m.checksum} for m in store.known_migrations()]
     _check_schema(data.get("schema", []), target_schema, store.label)
     ids = pl.read_parquet(tables["runs"], columns=["run_id"])["run_id"].to_list()
     existing: set[str] = set()
