@@ -103,6 +103,13 @@ def test_depth_trend_rules_and_fits():
     assert fit_depth_trend(np.full(12, 2.0) + layers * 1e-3)["pattern"] == "flat"
     zigzag = np.array([1.0, 3.0] * 6)
     assert fit_depth_trend(zigzag)["pattern"] == "irregular"
+    two = fit_depth_trend([2.0, 1.0])
+    assert (
+        two["pattern"] == "decreasing"
+        and two["r2_linear"] is None
+        and two["slope"] == pytest.approx(-2 / 3)
+    )
+    assert fit_depth_trend([1.0, 1.01])["pattern"] == "flat"
     # An edge peak (vertex at the last layer) is a rising trend, not a peak in the middle.
     assert fit_depth_trend(1.0 + layers**2 * 0.05)["pattern"] == "increasing"
 

@@ -14,7 +14,9 @@ R² = 1 - SS_res / SS_tot (None when all values are equal). Rules, in order:
 2. ``peak_middle`` / ``valley``: at least 4 layers, r2_quadratic >= ``min_r2`` (default 0.5),
    r2_quadratic - r2_linear >= ``curvature_gain`` (default 0.15) and the vertex within the middle
    60% of the depth (0.2 <= t <= 0.8); peak when curvature < 0, valley when > 0.
-3. ``increasing`` / ``decreasing``: r2_linear >= ``min_r2``; by the sign of the slope.
+3. ``increasing`` / ``decreasing``: r2_linear >= ``min_r2``; by the sign of the slope. With
+   only two layers: by the sign of the difference, and ``r2_linear`` is None (a line through
+   two points always fits, so it would claim a quality it does not have).
 4. ``irregular``: none of the above (no trend explains the profile well).
 """
 
@@ -62,7 +64,8 @@ def fit_depth_trend(
     rel = y / mean
     x = np.arange(n, dtype=np.float64)
     slope, intercept = np.polyfit(x, rel, 1)
-    r2_lin = _r2(rel, slope * x + intercept)
+    # A line through two points always fits: with two layers R² says nothing, so none is given.
+    r2_lin = _r2(rel, slope * x + intercept) if n >= 3 else None
     row.update(
         slope=float(slope),
         intercept=float(intercept),
@@ -90,7 +93,7 @@ def fit_depth_trend(
         and 0.2 <= vertex_t <= 0.8
     ):
         row["pattern"] = "peak_middle" if row["curvature"] < 0 else "valley"
-    elif r2_lin is not None and r2_lin >= min_r2:
+    elif n == 2 or (r2_lin is not None and r2_lin >= min_r2):
         row["pattern"] = "increasing" if slope > 0 else "decreasing"
     else:
         row["pattern"] = "irregular"
