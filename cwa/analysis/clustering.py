@@ -7,8 +7,9 @@ Clustering never sees every scalar of a model. The weights clustered are the uni
 * a seeded uniform sample of ``sample_size`` weights from the same tensors (drawn with
   :func:`cwa.perturbation.selection.random_k`, without replacement),
 
-so at most ``top_n + sample_size`` weights (overlaps are counted once). Each sampled weight gets
-the features, gathered tensor by tensor (one score tensor and one weight tensor alive at a time):
+so at most ``top_n + sample_size`` weights (overlaps are counted once). Every file (each score
+run, the checkpoint) is read once, tensor by tensor in lockstep (:func:`gather_sample`), and each
+sampled weight gets the features:
 
 * ``log_score[i]`` for score run i: ``sign(s) * log1p(|s| / m_i)``, with ``m_i`` the median of
   the nonzero |scores| of run i over the sample. This is a log scale that needs no epsilon for
@@ -92,81 +93,30 @@ def common_tensors(score_paths: Sequence[Path], arch: Any) -> list[str]:
     return names
 
 
-def sample_weights(
-    score_path: Path,
+def gather_sample(
+    score_paths: Sequence[Path],
     names: Sequence[str],
     numels: Sequence[int],
     top_n: int,
     sample_size: int,
     seed: int,
+    *,
+    arch: Any = None,
+    weights: Any = None,
 ) -> Any:
-    """Union of the global top-N of ``score_path`` over ``names`` and a seeded uniform sample.
+    """The sampled weights and their raw values, in ONE pass over every file (tensor by tensor).
 
-    Returns a polars frame (parameter, flat_index, in_top_n) in parameter then flat order.
-    """
-    import numpy as np
-    import polars as pl
-    import torch
+    The uniform sample is drawn first (it needs only the sizes); then for each tensor, in
+    lockstep over the score files (and the checkpoint when ``weights`` is given): its local
+    top-N by the first run's scores is offered to the running global top-N, and every score run
+    (and |w|) is gathered at the union of that local top-N and the tensor's sampled indices. A
+    weight of the final global top-N is in its tensor's local top-N (same order, same ties), so
+    after the pass the rows kept are exactly the global top-N plus the sample. Extra memory: one
+    tensor per file plus O(N) candidates per tensor.
 
-    from cwa.perturbation.scope import ScopeEntry
-    from cwa.perturbation.selection import random_k
-    from cwa.ranking import RunningTopK
-    from cwa.scorefile import open_scores
-
-    parts: dict[str, list[np.ndarray]] = {n: [] for n in names}
-    top_flags: dict[str, np.ndarray] = {}
-    if top_n:
-        top = RunningTopK(top_n)
-        with open_scores(score_path) as reader:
-            for position, name in enumerate(names):
-                values = reader.get(name).to(torch.float32).numpy().reshape(-1)
-                valid = np.flatnonzero(~np.isnan(values))
-                if valid.size == values.size:
-                    top.offer(position, values)
-                else:
-                    top.offer(position, values[valid], valid)
-                del values
-        for position, name in enumerate(names):
-            flats = np.sort(top.flats[top.positions == position])
-            top_flags[name] = flats
-            parts[name].append(flats)
-    total = int(sum(numels))
-    if sample_size:
-        scope = [ScopeEntry(n, int(c)) for n, c in zip(names, numels, strict=True)]
-        drawn = random_k(scope, min(sample_size, total), seed)
-        for name, idx in drawn.items():
-            parts[name].append(idx.numpy())
-    frames = []
-    for name in names:
-        if not parts[name]:
-            continue
-        flats = np.unique(np.concatenate(parts[name]))
-        if flats.size == 0:
-            continue
-        in_top = np.isin(flats, top_flags.get(name, np.empty(0, dtype=np.int64)))
-        frames.append(
-            pl.DataFrame(
-                {"parameter": [name] * flats.size, "flat_index": flats, "in_top_n": in_top},
-                schema={"parameter": pl.String, "flat_index": pl.Int64, "in_top_n": pl.Boolean},
-            )
-        )
-    return pl.concat(frames)
-
-
-def _depth(layer: int | None, components: tuple[str, ...], n_layers: int) -> float:
-    if layer is not None and n_layers > 0:
-        return (layer + 0.5) / n_layers
-    return 0.0 if any(c in ("embed", "pos_embed") for c in components) else 1.0
-
-
-def weight_features(
-    sample: Any, score_paths: Sequence[Path], weights: Any, arch: Any
-) -> tuple[Any, list[str]]:
-    """Raw features of the sampled weights, gathered tensor by tensor.
-
-    ``weights`` has ``get(name) -> tensor`` (None: no |w| feature, ``abs_weight`` NULL);
-    returns (frame of ``sample`` plus layer, component,
-    raw ``score_i`` columns and the feature columns, list of feature column names).
+    Returns a polars frame: parameter, flat_index, in_top_n, score_0.. and, with ``arch``,
+    layer, component, depth and abs_weight (NaN without ``weights``), in parameter then flat
+    order.
     """
     from contextlib import ExitStack
 
@@ -175,38 +125,111 @@ def weight_features(
     import torch
 
     from cwa.models.architecture import COMPONENTS
+    from cwa.perturbation.scope import ScopeEntry
+    from cwa.perturbation.selection import random_k
+    from cwa.ranking import RunningTopK, _top_indices
     from cwa.scorefile import open_scores
 
-    pieces = []
+    total = int(sum(numels))
+    drawn: dict[str, Any] = {}
+    if sample_size:
+        scope = [ScopeEntry(n, int(c)) for n, c in zip(names, numels, strict=True)]
+        drawn = random_k(scope, min(sample_size, total), seed)
+    top = RunningTopK(top_n) if top_n else None
+    gathered: list[tuple[int, str, Any, dict[str, Any]]] = []
     with ExitStack() as stack:
         readers = [stack.enter_context(open_scores(p)) for p in score_paths]
-        for (name,), group in sample.group_by(["parameter"], maintain_order=True):
-            info = arch.params[name]
-            flats = torch.from_numpy(group["flat_index"].to_numpy().astype(np.int64))
-            cols: dict[str, Any] = {}
-            for i, reader in enumerate(readers):
-                scores = reader.get(name).reshape(-1)
-                cols[f"score_{i}"] = scores[flats].to(torch.float64).numpy()
-                del scores
-            if weights is not None:
-                tensor = weights.get(name).reshape(-1)
-                cols["abs_weight"] = tensor[flats].abs().to(torch.float64).numpy()
-                del tensor
-            else:
-                cols["abs_weight"] = np.full(len(flats), np.nan)
-            if len(info.components) == 1:
-                comp = [info.components[0]] * len(flats)
-            else:
-                ids = arch.component_ids(name).reshape(-1)[flats].tolist()
-                comp = [COMPONENTS[c] for c in ids]
-            cols["component"] = comp
-            cols["layer"] = [info.layer] * len(flats)
-            cols["depth"] = np.full(len(flats), _depth(info.layer, info.components, arch.n_layers))
-            pieces.append(group.with_columns(pl.DataFrame(cols, strict=False)))
-    frame = pl.concat(pieces, how="vertical_relaxed")
+        for position, name in enumerate(names):
+            values = readers[0].get(name).to(torch.float32).numpy().reshape(-1)
+            local = np.empty(0, dtype=np.int64)
+            if top is not None:
+                valid = np.flatnonzero(~np.isnan(values))
+                keys = values[valid]
+                if keys.size:
+                    local = valid[_top_indices(keys, min(top_n, keys.size))]  # ascending
+                    top.offer(position, values[local], local)
+            sampled = drawn[name].numpy() if name in drawn else np.empty(0, dtype=np.int64)
+            flats = np.union1d(local, sampled).astype(np.int64)
+            if flats.size == 0:
+                continue
+            cols: dict[str, Any] = {"score_0": values[flats].astype(np.float64)}
+            del values
+            index = torch.from_numpy(flats)
+            for i, reader in enumerate(readers[1:], start=1):
+                cols[f"score_{i}"] = reader.get(name).reshape(-1)[index].double().numpy()
+            if arch is not None:
+                info = arch.params[name]
+                if weights is not None:
+                    tensor = weights.get(name).reshape(-1)
+                    cols["abs_weight"] = tensor[index].abs().double().numpy()
+                    del tensor
+                else:
+                    cols["abs_weight"] = np.full(flats.size, np.nan)
+                if len(info.components) == 1:
+                    cols["component"] = [info.components[0]] * flats.size
+                else:
+                    ids = arch.component_ids(name).reshape(-1)[index].tolist()
+                    cols["component"] = [COMPONENTS[c] for c in ids]
+                cols["layer"] = [info.layer] * flats.size
+                cols["depth"] = np.full(
+                    flats.size, _depth(info.layer, info.components, arch.n_layers)
+                )
+            gathered.append((position, name, flats, cols))
+    frames = []
+    for position, name, flats, cols in gathered:
+        in_top = (
+            np.isin(flats, top.flats[top.positions == position])
+            if top is not None
+            else np.zeros(flats.size, dtype=bool)
+        )
+        keep = in_top | np.isin(flats, drawn[name].numpy() if name in drawn else [])
+        if not keep.any():
+            continue
+        frame = pl.DataFrame(
+            {"parameter": [name] * int(keep.sum()), "flat_index": flats[keep],
+             "in_top_n": in_top[keep]},
+            schema_overrides={"parameter": pl.String, "flat_index": pl.Int64},
+        )  # fmt: skip
+        extra = {
+            key: ([v for v, k in zip(value, keep, strict=True) if k] if isinstance(value, list)
+                  else value[keep])
+            for key, value in cols.items()
+        }  # fmt: skip
+        frames.append(frame.with_columns(pl.DataFrame(extra, strict=False)))
+    return pl.concat(frames, how="vertical_relaxed")
+
+
+def sample_weights(
+    score_path: Path,
+    names: Sequence[str],
+    numels: Sequence[int],
+    top_n: int,
+    sample_size: int,
+    seed: int,
+) -> Any:
+    """Union of the global top-N of ``score_path`` over ``names`` and a seeded uniform sample:
+    a polars frame (parameter, flat_index, in_top_n) in parameter then flat order."""
+    sample = gather_sample([score_path], names, numels, top_n, sample_size, seed)
+    return sample.select("parameter", "flat_index", "in_top_n")
+
+
+def _depth(layer: int | None, components: tuple[str, ...], n_layers: int) -> float:
+    if layer is not None and n_layers > 0:
+        return (layer + 0.5) / n_layers
+    return 0.0 if any(c in ("embed", "pos_embed") for c in components) else 1.0
+
+
+def add_features(frame: Any, n_runs: int, with_weights: bool) -> tuple[Any, list[str]]:
+    """The clustering features (see the module docstring) added to a :func:`gather_sample`
+    frame; returns (frame, feature column names)."""
+    import numpy as np
+    import polars as pl
+
+    from cwa.models.architecture import COMPONENTS
+
     features: list[str] = []
     log_cols = []
-    for i in range(len(score_paths)):
+    for i in range(n_runs):
         raw = frame[f"score_{i}"].to_numpy()
         if not np.isfinite(raw).all():
             raise InvalidInput(
@@ -217,7 +240,7 @@ def weight_features(
         log_cols.append(pl.Series(f"log_score_{i}", np.sign(raw) * np.log1p(np.abs(raw) / scale)))
         features.append(f"log_score_{i}")
     frame = frame.with_columns(log_cols)
-    features += ["abs_weight", "depth"] if weights is not None else ["depth"]
+    features += ["abs_weight", "depth"] if with_weights else ["depth"]
     present = [c for c in COMPONENTS if c in set(frame["component"].to_list())]
     frame = frame.with_columns(
         [(pl.col("component") == c).cast(pl.Float64).alias(f"component={c}") for c in present]
@@ -295,10 +318,11 @@ def cluster_weights(
     options.validate()
     names = common_tensors(score_paths, arch)
     numels = [arch.params[n].numel for n in names]
-    sample = sample_weights(
-        score_paths[0], names, numels, options.top_n, options.sample_size, options.seed
-    )
-    frame, features = weight_features(sample, score_paths, weights, arch)
+    sample = gather_sample(
+        score_paths, names, numels, options.top_n, options.sample_size, options.seed,
+        arch=arch, weights=weights,
+    )  # fmt: skip
+    frame, features = add_features(sample, len(score_paths), weights is not None)
     matrix = feature_matrix(frame, features, options.standardize)
     labels, fit = fit_clusters(matrix, options)
     overall, per_point = silhouette(matrix, labels, options.silhouette_sample, options.seed)
