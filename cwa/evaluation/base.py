@@ -97,6 +97,26 @@ class EvalTask:
         raise NotImplementedError
 
 
+class ItemTask(EvalTask):
+    """A task over the records of a file or hub dataset (HellaSwag, LAMBADA): loading,
+    validating (``parse_item(record, where)``, a DataError naming the record) and seeded
+    subsampling (``--limit``) in one place."""
+
+    @staticmethod
+    def parse_item(record: Any, where: str) -> Any:
+        raise NotImplementedError
+
+    def load(self, plan: TaskPlan) -> list[Any]:
+        return [item for _, item in self.load_indexed(plan)]
+
+    def load_indexed(self, plan: TaskPlan) -> list[tuple[int, Any]]:
+        """(index in the source, item) of the items to evaluate."""
+        from cwa.evaluation.items import load_items
+
+        items = load_items(plan.source, type(self).parse_item)
+        return [(i, items[i]) for i in subsample_indices(len(items), plan.limit, plan.seed)]
+
+
 TASKS: Registry[type[EvalTask]] = Registry("task")
 
 

@@ -30,13 +30,12 @@ from typing import TYPE_CHECKING, Any
 from cwa.errors import DataError
 from cwa.evaluation.base import (
     TASKS,
-    EvalTask,
+    ItemTask,
     MetricValue,
     TaskPlan,
     mean_stderr,
-    subsample_indices,
 )
-from cwa.evaluation.items import load_items, require_fields, require_text
+from cwa.evaluation.items import require_fields, require_text
 
 if TYPE_CHECKING:
     from cwa.progress import Reporter
@@ -100,7 +99,7 @@ def choice_metrics(
 
 
 @TASKS.register("hellaswag", description="HellaSwag zero-shot acc / acc_norm (harness 0.4.9.2)")
-class HellaSwagTask(EvalTask):
+class HellaSwagTask(ItemTask):
     """HellaSwag zero-shot acc / acc_norm (harness 0.4.9.2)."""
 
     name = "hellaswag"
@@ -110,13 +109,7 @@ class HellaSwagTask(EvalTask):
     metrics = ("acc", "acc_norm")
     relevant_options = ("add_bos_token",)
 
-    def load(self, plan: TaskPlan) -> list[HellaSwagItem]:
-        return [item for _, item in self.load_indexed(plan)]
-
-    def load_indexed(self, plan: TaskPlan) -> list[tuple[int, HellaSwagItem]]:
-        """(index in the source, item) of the items to evaluate."""
-        items = load_items(plan.source, item_from_record)
-        return [(i, items[i]) for i in subsample_indices(len(items), plan.limit, plan.seed)]
+    parse_item = staticmethod(item_from_record)
 
     def run(
         self,

@@ -25,14 +25,13 @@ from typing import TYPE_CHECKING, Any
 from cwa.errors import DataError
 from cwa.evaluation.base import (
     TASKS,
-    EvalTask,
+    ItemTask,
     MetricValue,
     TaskPlan,
     bootstrap_perplexity_stderr,
     mean_stderr,
-    subsample_indices,
 )
-from cwa.evaluation.items import load_items, require_fields, require_text
+from cwa.evaluation.items import require_fields, require_text
 
 if TYPE_CHECKING:
     from cwa.progress import Reporter
@@ -60,7 +59,7 @@ def item_from_record(record: Any, where: str) -> LambadaItem:
 
 
 @TASKS.register("lambada", description="LAMBADA (OpenAI) acc / perplexity (harness 0.4.9.2)")
-class LambadaTask(EvalTask):
+class LambadaTask(ItemTask):
     """LAMBADA (OpenAI) acc / perplexity (harness 0.4.9.2)."""
 
     name = "lambada"
@@ -70,13 +69,7 @@ class LambadaTask(EvalTask):
     metrics = ("acc", "perplexity")
     relevant_options = ("add_bos_token",)
 
-    def load(self, plan: TaskPlan) -> list[LambadaItem]:
-        return [item for _, item in self.load_indexed(plan)]
-
-    def load_indexed(self, plan: TaskPlan) -> list[tuple[int, LambadaItem]]:
-        """(index in the source, item) of the items to evaluate."""
-        items = load_items(plan.source, item_from_record)
-        return [(i, items[i]) for i in subsample_indices(len(items), plan.limit, plan.seed)]
+    parse_item = staticmethod(item_from_record)
 
     def run(
         self,
