@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import base64
 import importlib
-import io
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -101,7 +100,7 @@ def draw_all(
     collected: Iterable[FigureData], out_dir: Path | None, formats: Sequence[str]
 ) -> list[DrawnFigure]:
     """Draw each available figure, embed it as a PNG, and save it in ``formats`` to out_dir."""
-    from cwa.reporting.style import PNG_DPI, close, save_figure
+    from cwa.reporting.style import close, figure_bytes, freeze_layout, save_figure
 
     drawn: list[DrawnFigure] = []
     for item in collected:
@@ -109,11 +108,11 @@ def draw_all(
         if item.frame is not None:
             fig = draw_function(item.spec)(item.frame, **item.options)
             try:
-                buffer = io.BytesIO()
-                fig.savefig(buffer, format="png", dpi=PNG_DPI, bbox_inches="tight")
-                result.png_base64 = base64.b64encode(buffer.getvalue()).decode("ascii")
+                freeze_layout(fig)
+                png = figure_bytes(fig, "png")
+                result.png_base64 = base64.b64encode(png).decode("ascii")
                 if out_dir is not None and formats:
-                    result.files = save_figure(fig, out_dir / item.spec.name, formats)
+                    result.files = save_figure(fig, out_dir / item.spec.name, formats, png=png)
             finally:
                 close(fig)
         drawn.append(result)

@@ -145,22 +145,42 @@ def finish(fig: Figure, ax: Any, *, title: str, xlabel: str, ylabel: str) -> Fig
     return fig
 
 
-def save_figure(fig: Figure, stem: Path, formats: Sequence[str] = FORMATS) -> dict[str, Path]:
-    """Write ``stem.<fmt>`` for each format (PNG at PNG_DPI, PDF/SVG as vectors)."""
+def freeze_layout(fig: Figure) -> None:
+    """Lay the figure out once, then keep that layout for every format it is saved in.
+
+    Constrained layout otherwise re-measures every text on every save, which dominated the
+    report's run time; the positions it found are kept as they are.
+    """
+    fig.canvas.draw()
+    fig.set_layout_engine("none")
+
+
+def figure_bytes(fig: Figure, fmt: str) -> bytes:
+    """The figure in one format (PNG at PNG_DPI; PDF/SVG as vectors with fixed metadata)."""
+    import io
+
+    kwargs: dict[str, Any] = {"format": fmt}
+    if fmt == "png":
+        kwargs["dpi"] = PNG_DPI
+    elif fmt == "pdf":
+        kwargs["metadata"] = {"Creator": "cwa report", "CreationDate": None}
+    elif fmt == "svg":
+        kwargs["metadata"] = {"Creator": "cwa report", "Date": None}
+    buffer = io.BytesIO()
+    fig.savefig(buffer, **kwargs)
+    return buffer.getvalue()
+
+
+def save_figure(
+    fig: Figure, stem: Path, formats: Sequence[str] = FORMATS, *, png: bytes | None = None
+) -> dict[str, Path]:
+    """Write ``stem.<fmt>`` for each format; ``png`` reuses PNG bytes already rendered."""
     written: dict[str, Path] = {}
     stem.parent.mkdir(parents=True, exist_ok=True)
     for fmt in formats:
         path = stem.with_suffix(f".{fmt}")
-        kwargs: dict[str, Any] = {"format": fmt, "bbox_inches": "tight"}
-        if fmt == "png":
-            kwargs["dpi"] = PNG_DPI
-        if fmt in ("pdf", "svg"):
-            # Fixed metadata keeps vector files reproducible byte for byte.
-            kwargs["metadata"] = {"Creator": "cwa report", "Date": None}
-            if fmt == "pdf":
-                kwargs["metadata"]["CreationDate"] = None
-                kwargs["metadata"].pop("Date")
-        fig.savefig(path, **kwargs)
+        data = png if fmt == "png" and png is not None else figure_bytes(fig, fmt)
+        path.write_bytes(data)
         written[fmt] = path
     return written
 
