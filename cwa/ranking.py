@@ -285,19 +285,17 @@ def rank_scores(
     arch: Any,
     *,
     k: int,
-    mode: str = "global",
-    bottom: bool = False,
     layers: Iterable[int] | None = None,
     components: Iterable[str] | None = None,
-    weights: Mapping[str, torch.Tensor] | None = None,
-    by: str = "value",
-    head_grouping: str = "kv",
+    **options: Any,
 ) -> list[dict[str, Any]]:
     """Top-k (or bottom-k) weights of a score file, per ``mode`` group (see module docstring).
 
-    ``arch`` is the ArchitectureMap of the scored model; ``weights`` (e.g.
-    ``dict(model.named_parameters())``) fills ``weight_value``. Returns rows ordered by group
-    (first appearance in parameter order) then rank.
+    ``arch`` is the ArchitectureMap of the scored model; ``options`` are those of
+    :func:`rank_tensors` (``mode``, ``bottom``, ``weights`` -- e.g.
+    ``dict(model.named_parameters())``, filling ``weight_value`` --, ``by``,
+    ``head_grouping``). Only tensors in ``layers``/``components`` are read. Returns rows ordered
+    by group (first appearance in parameter order) then rank.
     """
     from cwa.scorefile import read_score_header
 
@@ -315,18 +313,8 @@ def rank_scores(
         components=resolve_components(components),
     )
     names = [name for name in scope if name in header]  # architecture order, in scope only
-    return rank_tensors(
-        _score_items(Path(score_path), names),
-        arch,
-        k=k,
-        mode=mode,
-        bottom=bottom,
-        layers=layers,
-        components=components,
-        weights=weights,
-        by=by,
-        head_grouping=head_grouping,
-    )
+    items = _score_items(Path(score_path), names)
+    return rank_tensors(items, arch, k=k, layers=layers, components=components, **options)
 
 
 def ranking_frame(rows: list[dict[str, Any]]) -> Any:

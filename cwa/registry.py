@@ -14,7 +14,7 @@ import importlib
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Generic, TypeVar
+from typing import Any, Generic, TypeVar
 
 from cwa.errors import InvalidInput, UnknownName
 
@@ -44,6 +44,14 @@ def import_object(spec: str) -> object:
         except AttributeError as exc:
             raise InvalidInput(f"plugin module {module_name!r} has no attribute {attr!r}") from exc
     return obj
+
+
+def plugin_attributes(obj: object, defaults: dict[str, Any]) -> tuple[dict[str, Any], str]:
+    """The flags a plugin function carries as attributes (``f.takes_scale = True``), each
+    falling back to ``defaults``, and its description (first line of its docstring)."""
+    values = {key: getattr(obj, key, default) for key, default in defaults.items()}
+    doc = (getattr(obj, "__doc__", None) or "").strip().splitlines()
+    return values, doc[0] if doc else ""
 
 
 class Registry(Generic[T]):

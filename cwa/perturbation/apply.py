@@ -305,30 +305,16 @@ def perturbed(
     target: NamedParams,
     selection: Mapping[str, torch.Tensor],
     method: str | PerturbationMethod,
-    *,
-    scale: float | None = None,
-    bit: int | None = None,
-    seed: int = 0,
-    baseline_checksums: Mapping[str, str] | None = None,
-    checksum_algorithm: str | None = None,
-    reporter: Reporter | None = None,
+    **options: Any,
 ) -> Iterator[PerturbationHandle]:
     """``with perturbed(model, selection, "sign_flip") as handle: evaluate(model)``.
 
-    The model is restored (and verified) on exit, also when the body raises; a failed
-    restoration raises :class:`~cwa.errors.RestoreError` (chained to the body's exception).
+    ``options`` are :func:`apply_perturbation`'s (``scale``, ``bit``, ``seed``,
+    ``baseline_checksums``, ``checksum_algorithm``, ``reporter``). The model is restored (and
+    verified) on exit, also when the body raises; a failed restoration raises
+    :class:`~cwa.errors.RestoreError` (chained to the body's exception).
     """
-    handle = apply_perturbation(
-        target,
-        selection,
-        method,
-        scale=scale,
-        bit=bit,
-        seed=seed,
-        baseline_checksums=baseline_checksums,
-        checksum_algorithm=checksum_algorithm,
-        reporter=reporter,
-    )
+    handle = apply_perturbation(target, selection, method, **options)
     try:
         yield handle
     finally:

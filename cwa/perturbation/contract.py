@@ -115,22 +115,31 @@ def as_selection_spec(obj: Any, name: str) -> SelectionSpec:
             f"selection {name!r} is neither a SelectionSpec nor a function f(request); "
             "see cwa.perturbation.contract"
         )
-    doc = (obj.__doc__ or "").strip().splitlines()
-    role = getattr(obj, "role", "control")
+    from cwa.registry import plugin_attributes
+
+    flags, description = plugin_attributes(obj, _PLUGIN_FLAGS)
+    role, check = flags.pop("role"), flags.pop("check")
     if role not in ("treatment", "control"):
         raise InvalidInput(f"selection {name!r} has role {role!r}; use 'treatment' or 'control'")
     return SelectionSpec(
         name=str(getattr(obj, "name", name)),
-        description=doc[0] if doc else "",
+        description=description,
         build=obj,
         role=role,
-        matched=bool(getattr(obj, "matched", True)),
-        stochastic=bool(getattr(obj, "stochastic", True)),
-        depends_on_k=bool(getattr(obj, "depends_on_k", True)),
-        takes_param=bool(getattr(obj, "takes_param", False)),
-        requires_param=bool(getattr(obj, "requires_param", False)),
-        check=getattr(obj, "check", None),
+        check=check,
+        **{key: bool(value) for key, value in flags.items()},
     )
+
+
+_PLUGIN_FLAGS: dict[str, Any] = {
+    "role": "control",
+    "matched": True,
+    "stochastic": True,
+    "depends_on_k": True,
+    "takes_param": False,
+    "requires_param": False,
+    "check": None,
+}
 
 
 @dataclass(frozen=True)

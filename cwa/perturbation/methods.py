@@ -240,6 +240,7 @@ BIT_FLIP = PerturbationMethod(
     takes_bit=True,
 )
 
+
 def as_method(obj: object, name: str) -> PerturbationMethod:
     """A PerturbationMethod as is, or a plugin function ``f(originals, ctx) -> new values``
     wrapped; the function's attributes ``takes_scale``, ``requires_scale``, ``default_scale``,
@@ -251,19 +252,27 @@ def as_method(obj: object, name: str) -> PerturbationMethod:
             f"perturbation {name!r} is neither a PerturbationMethod nor a function "
             "f(originals, ctx); see cwa.perturbation.methods"
         )
-    doc = (obj.__doc__ or "").strip().splitlines()
-    default_scale = getattr(obj, "default_scale", None)
+    from cwa.registry import plugin_attributes
+
+    flags, description = plugin_attributes(obj, _PLUGIN_FLAGS)
+    default_scale = flags.pop("default_scale")
     return PerturbationMethod(
         name=str(getattr(obj, "name", name)),
-        description=doc[0] if doc else "",
+        description=description,
         compute=obj,  # type: ignore[arg-type]
-        takes_scale=bool(getattr(obj, "takes_scale", False)),
-        requires_scale=bool(getattr(obj, "requires_scale", False)),
         default_scale=None if default_scale is None else float(default_scale),
-        takes_bit=bool(getattr(obj, "takes_bit", False)),
-        stochastic=bool(getattr(obj, "stochastic", False)),
-        nonnegative_scale=bool(getattr(obj, "nonnegative_scale", False)),
+        **{key: bool(value) for key, value in flags.items()},
     )
+
+
+_PLUGIN_FLAGS = {
+    "takes_scale": False,
+    "requires_scale": False,
+    "default_scale": None,
+    "takes_bit": False,
+    "stochastic": False,
+    "nonnegative_scale": False,
+}
 
 
 BUILTIN_METHODS: tuple[PerturbationMethod, ...] = (ZERO, SIGN_FLIP, SCALE, GAUSSIAN_NOISE, BIT_FLIP)
