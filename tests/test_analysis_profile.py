@@ -30,7 +30,8 @@ def _exact_gini(x: np.ndarray) -> float:
 
 def _exact_top_share(x: np.ndarray, fraction: float = 0.01) -> float:
     top = math.ceil(fraction * x.size)
-    return float(np.sort(x.astype(np.float64))[-top:].sum() / x.sum())
+    x = np.sort(x.astype(np.float64))
+    return float(x[-top:].sum() / x.sum())
 
 
 def _hist(x: np.ndarray) -> LogHistogram:
@@ -171,10 +172,22 @@ def test_profile_gpt2_groups_match_brute_force(store, tmp_path):
         assert sorted(r["rank_in_layer"] for r in members) == list(range(1, len(members) + 1))
         densest = max(members, key=lambda r: r["mean"])
         assert densest["rank_in_layer"] == 1
-    wte = scores["transformer.wte.weight"]
-    assert rows[("tensor", "transformer.wte.weight")]["top1pct_share"] == pytest.approx(
-        _exact_top_share(wte.numpy().reshape(-1)), abs=0.005
+    wte = scores["transformer.wte.weight"].numpy().reshape(-1)
+    exact_row = rows[("tensor", "transformer.wte.weight")]  # 800 weights: exact statistics
+    assert exact_row["method"] == "exact"
+    assert exact_row["top1pct_share"] == pytest.approx(_exact_top_share(wte), rel=1e-9)
+    assert exact_row["gini"] == pytest.approx(_exact_gini(wte), rel=1e-9)
+    assert exact_row["p90"] == pytest.approx(float(np.quantile(wte.astype(np.float64), 0.9)))
+    assert rows[("layer", "layer=0")]["method"] == "histogram"
+    histogram_only = run_analyze(
+        store,
+        AnalyzeConfig("profile", runs=[score_id], options={"exact_limit": "0"}),
+        mlflow=False,
     )
+    approx_row = _profile_rows(store, histogram_only.run_id)[("tensor", "transformer.wte.weight")]
+    assert approx_row["method"] == "histogram"
+    assert approx_row["top1pct_share"] == pytest.approx(_exact_top_share(wte), abs=0.005)
+    assert approx_row["gini"] == pytest.approx(_exact_gini(wte), abs=0.003)
     with store.read() as con:
         trends = con.execute(
             "SELECT scope, pattern, n_layers FROM analysis_depth_trend WHERE run_id = ?",

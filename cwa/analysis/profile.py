@@ -5,6 +5,10 @@ mergeable log histogram of |score| (:mod:`cwa.analysis.histogram`: exact masses;
 Gini and top-1% share within one bin width, 0.78%), so memory is O(largest tensor) plus a few
 KiB per group, never all scores. Levels (``analysis_profile.level``):
 
+Tensors with at most ``exact_limit`` weights (default 2**20) get exact quantiles, Gini and
+top-1% share at level ``tensor`` (a sorted copy of the tensor; ``method = 'exact'``); larger
+tensors and every aggregate level use the histograms (``method = 'histogram'``).
+
 - ``model`` (one row), ``tensor`` (per parameter), ``layer`` (per layer of the stack),
   ``component`` (embed, attn_q, ..., mlp_down, ...: fused tensors such as GPT-2 ``c_attn`` are
   split into their q/k/v blocks by the architecture map), ``layer_component``;
@@ -26,6 +30,7 @@ whole model and for each component (rules in :mod:`cwa.analysis.trend`).
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -43,6 +48,7 @@ class _Group:
     key: str
     meta: dict[str, Any]
     hist: Any = field(default=None)
+    exact: dict[str, float | None] | None = None  # exact statistics (small tensors)
 
 
 class _Groups:
@@ -128,7 +134,27 @@ def _tensor_hists(arch: Any, name: str, values: np.ndarray) -> tuple[Any, list, 
     return whole, per_comp, per_head
 
 
-def _profile_tensor(groups: _Groups, arch: Any, name: str, values: np.ndarray) -> None:
+def exact_stats(values: np.ndarray) -> dict[str, float | None]:
+    """Exact quantiles (numpy's linear rule), Gini and top-1% share of |values| (one sort)."""
+    x = np.abs(values[~np.isnan(values)]).astype(np.float64)
+    x.sort()
+    n = x.size
+    total = float(x.sum())
+    out: dict[str, float | None] = {
+        f"p{round(q * 100)}": float(np.quantile(x, q)) for q in (0.5, 0.9, 0.99)
+    }
+    if total > 0:
+        ranks = np.arange(1, n + 1, dtype=np.float64)
+        out["gini"] = float(np.sum((2 * ranks - n - 1) * x) / (n * total))
+        out["top1pct_share"] = float(x[n - math.ceil(0.01 * n) :].sum() / total)
+    else:
+        out["gini"] = out["top1pct_share"] = None
+    return out
+
+
+def _profile_tensor(
+    groups: _Groups, arch: Any, name: str, values: np.ndarray, exact_limit: int
+) -> None:
     info = arch.params[name]
     whole, per_comp, per_head = _tensor_hists(arch, name, values)
     if whole.n == 0:
@@ -137,6 +163,8 @@ def _profile_tensor(groups: _Groups, arch: Any, name: str, values: np.ndarray) -
     comps = info.components
     groups.merge("model", "all", whole)
     groups.merge("tensor", name, whole, parameter=name, layer=layer, component=",".join(comps))
+    if values.size <= exact_limit:
+        groups.items[("tensor", name)].exact = exact_stats(values)
     if layer is not None:
         groups.merge("layer", _layer_key(layer), whole, layer=layer)
     for comp, hist in zip(comps, per_comp, strict=True):
@@ -184,6 +212,8 @@ def _rows(groups: _Groups, score_run_id: str) -> list[dict[str, Any]]:
             "top1pct_share": hist.top_share(0.01),
             "method": "histogram",
         }
+        if group.exact is not None:
+            row.update(group.exact, method="exact")
         rows.append(row)
     _layer_comparison(rows)
     return rows
@@ -248,7 +278,8 @@ def _run(inputs: Any, options: dict[str, Any], reporter: Any) -> AnalysisResult:
     task = reporter.task("profile", total=len(names))
     with inputs.open_scores(run) as reader:
         for name in names:
-            _profile_tensor(groups, arch, name, read_scores(reader, name))
+            values = read_scores(reader, name)
+            _profile_tensor(groups, arch, name, values, options["exact_limit"])
             task.advance()
     task.close()
     if ("model", "all") not in groups.items:
@@ -324,6 +355,13 @@ ANALYZER = AnalyzerSpec(
     min_runs=1,
     max_runs=1,
     options=(
+        AnalyzerOption(
+            "exact_limit",
+            "int",
+            1 << 20,
+            "tensors with at most this many weights get exact quantiles/Gini (one sort)",
+            minimum=0,
+        ),
         AnalyzerOption(
             "rank_run", "str", "auto", "global rank run of this score run: auto, none or an id"
         ),
