@@ -13,11 +13,11 @@ held-out tail is scored and the row's ``note`` says so (``heldout_fraction`` for
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Any
 
 from cwa.errors import InvalidInput, UsageError
-from cwa.lifecycle import RunContext, RunOutcome, StageOutput, StageRequest
+from cwa.lifecycle import RunContext, RunOutcome, StageOutput
 from cwa.progress import Reporter
 from cwa.stages.common import (
     ModelOptions,
@@ -26,6 +26,7 @@ from cwa.stages.common import (
     is_toy_ref,
     stored_evaluation,
 )
+from cwa.stages.setup import stage_request
 from cwa.store import Store
 from cwa.store.runs import fetch_run, resolve_run_id
 
@@ -169,14 +170,13 @@ def run_evaluate(
             f"model {source.model_ref!r} has changed since run {run_id} used it (fingerprint "
             f"{loaded.fingerprint[:12]} now, {source.model_fingerprint[:12]} then)"
         )
-    request = StageRequest(
-        stage="evaluate",
-        config=asdict(config),
-        experiment=config.experiment,
+    request = stage_request(
+        "evaluate",
+        config,
         parents=parents,
+        experiment=config.experiment,
         model_ref=config.model.ref,
         seed=config.seed,
-        command=config.command,
     )
 
     def compute(ctx: RunContext) -> StageOutput:

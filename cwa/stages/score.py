@@ -7,13 +7,14 @@ in ``super_weights`` (for that metric), and the calibration loss and token count
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Any
 
 from cwa.errors import InvalidInput
-from cwa.lifecycle import RunContext, RunOutcome, StageOutput, StageRequest
+from cwa.lifecycle import RunContext, RunOutcome, StageOutput
 from cwa.progress import NULL_REPORTER, Reporter
 from cwa.stages.common import ModelOptions, check_positive
+from cwa.stages.setup import stage_request
 from cwa.store import Store
 
 SCORE_FILE = "scores.safetensors"
@@ -213,17 +214,15 @@ def _score_one(
     reporter: Reporter,
     mlflow: bool | None,
 ) -> RunOutcome:
-    run_config = asdict(config)
-    run_config.pop("seeds")
-    run_config.pop("command")
-    run_config["seed"] = seed
-    request = StageRequest(
-        stage="score",
-        config=run_config,
+    request = stage_request(
+        "score",
+        config,
+        parents=[],
         experiment=config.experiment,
         model_ref=config.model.ref,
         seed=seed,
-        command=config.command,
+        omit=("seeds",),
+        overrides={"seed": seed},
     )
 
     def compute(ctx: RunContext) -> StageOutput:

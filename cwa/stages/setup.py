@@ -60,14 +60,20 @@ def stage_request(
     source: RunRecord | None = None,
     model_ref: str | None = None,
     seed: int | None = None,
+    omit: tuple[str, ...] = (),
+    overrides: dict[str, Any] | None = None,
     **effective: Any,
 ) -> StageRequest:
-    """The run request of a stage: its config dataclass as JSON (minus ``command``) updated
-    with the ``effective`` values resolved while validating (run ids, k values, keys, ...);
+    """The run request of a stage: its config dataclass as JSON (minus ``command`` and the
+    ``omit`` fields) updated with the ``effective`` values resolved while validating (run ids,
+    k values, keys, ...; ``overrides`` for names that clash with this function's own);
     experiment, model and seed default to the ``source`` run's."""
     run_config = asdict(config) if is_dataclass(config) else dict(config)
     command = run_config.pop("command", None)
+    for name in omit:
+        run_config.pop(name, None)
     run_config.update(effective)
+    run_config.update(overrides or {})
     return StageRequest(
         stage=stage,
         config=run_config,
