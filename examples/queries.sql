@@ -100,3 +100,11 @@ SELECT score_run_id, layer, parameter, row_index, column_index, weight_value, ba
        round(ratio, 3) AS ratio, round(z_score, 1) AS z_score, is_super_weight, rule
 FROM verified_super_weights
 ORDER BY score_run_id, layer;
+
+-- name: controls_matched_per_group
+-- Did every matched control perturb as many weights as the treatment in each group of the ranking?
+SELECT run_id, selection, seed, group_key, treatment_k, selected_k,
+       treatment_k = selected_k AS matched
+FROM condition_group_counts
+WHERE role = 'control'
+ORDER BY run_id DESC, group_key, selection, seed;
