@@ -130,7 +130,9 @@ def test_torchrun_two_ranks_equal_one_process(tmp_path: Path, cli, one_thread) -
                 msg=lambda m, metric=metric, name=name: f"{metric} {name}: {m}",
             )  # fmt: skip
         assert any(float(t.nan_to_num().abs().max()) > 0 for t in tensors.values())
-    losses = "SELECT name, value FROM run_metrics WHERE name LIKE 'calibration%' ORDER BY run_id, name"
+    losses = (
+        "SELECT name, value FROM run_metrics WHERE name LIKE 'calibration%' ORDER BY run_id, name"
+    )
     for (n1, v1), (n2, v2) in zip(_table(single, losses), _table(multi, losses), strict=True):
         assert n1 == n2 and v2 == pytest.approx(v1, rel=1e-6)
 

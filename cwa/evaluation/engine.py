@@ -282,6 +282,23 @@ def _score_batch(
         targets[row, : len(cont)] = torch.tensor(cont, dtype=torch.long)
     # Row r predicts its continuation from positions [inplen - contlen, inplen).
     starts = inplens - contlens
+    from cwa.evaluation.lm_head import continuation_scores, hidden_states, split_model
+
+    split = split_model(model)
+    if split is not None:
+        # Chunked LM head: the head runs only at the scored positions, chunk by chunk.
+        hidden = hidden_states(split[0], input_ids.to(device))
+        steps = torch.arange(max_cont)
+        valid = steps.unsqueeze(0) < contlens.unsqueeze(1)
+        rows_idx = torch.arange(n_rows).unsqueeze(1).expand(n_rows, max_cont)[valid]
+        pos_idx = (starts.unsqueeze(1) + steps.unsqueeze(0))[valid]
+        picked = hidden[rows_idx.to(hidden.device), pos_idx.to(hidden.device)]
+        logp, hit = continuation_scores(split[1], picked, targets[valid].to(hidden.device))
+        token_lp = torch.zeros((n_rows, max_cont), dtype=torch.float32)
+        token_lp[valid] = logp.cpu()
+        hits = torch.ones((n_rows, max_cont), dtype=torch.bool)
+        hits[valid] = hit.cpu()
+        return token_lp.double().sum(dim=1), hits.all(dim=1)
     kwargs: dict[str, Any] = {"use_cache": False}
     offset = 0
     if keep_logits:
@@ -382,6 +399,17 @@ def _score_window_batch(
         positions.unsqueeze(0) < lengths.unsqueeze(1)
     )
     targets = input_ids[:, 1:].masked_fill(~scored, -100)
+    from cwa.evaluation.lm_head import chunked_nll, hidden_states, split_model
+
+    split = split_model(model)
+    if split is not None:
+        # Chunked LM head at the scored positions only: no [rows, tokens, vocab] logits.
+        hidden = hidden_states(split[0], input_ids.to(device))[:, :-1]
+        picked = hidden[scored.to(hidden.device)]
+        nll = chunked_nll(split[1], picked, input_ids[:, 1:][scored].to(hidden.device))
+        per_token = torch.zeros((len(chunk), padded_len - 1), dtype=torch.float64)
+        per_token[scored] = nll.double().cpu()
+        return per_token.sum(dim=1), scored.sum(dim=1)
     logits = model(input_ids=input_ids.to(device), use_cache=False).logits[:, :-1]
     token_nll = torch.nn.functional.cross_entropy(
         logits.float().flatten(0, 1),

@@ -195,6 +195,12 @@ def token_nll(
     input_ids = batch["input_ids"].to(device)
     attention_mask = _attention_mask(batch).to(device)
     mask = target_mask(attention_mask)
+    from cwa.evaluation.lm_head import split_model, token_nll_chunked
+
+    split = split_model(model)
+    if split is not None:
+        # Backbone once, LM head per chunk of target positions: never [B, T, vocab] logits.
+        return token_nll_chunked(split, input_ids, attention_mask, mask), mask
     # Labels aligned with logits (label[t] = token t+1) so no shifted copy of the logits is made.
     labels = torch.full_like(input_ids, IGNORE_INDEX)
     labels[:, :-1] = input_ids[:, 1:]

@@ -1,0 +1,143 @@
+"""A chunked LM head: next-token log-likelihoods without a [batch, tokens, vocab] logits tensor.
+
+A causal LM is a backbone (embeddings, blocks, final norm) followed by a linear LM head. The
+float32 logits of a whole batch dominate memory for large vocabularies (16 x 256 tokens x 49k
+vocab = 0.8 GB, plus the same again for their gradient). Here the backbone runs once, the
+final hidden states of the positions that are actually scored are gathered, and the head is
+applied to them in chunks of at most :data:`CHUNK_BYTES` of float32 logits. With gradients
+on, each chunk runs under non-reentrant activation checkpointing, so backward recomputes one
+chunk's logits at a time instead of keeping all of them alive (first and second order).
+
+Only architectures whose ``forward`` is exactly ``lm_head(backbone(x).last_hidden_state)`` take
+this path (:data:`CHUNKED_MODEL_TYPES`); anything else (logit soft-capping, logit scaling,
+unknown models, a head with hooks on it) falls back to the model's own forward, so results never depend on a guess.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+IGNORE_INDEX = -100
+CHUNK_BYTES = 64 << 20  # float32 logits per chunk (about 512 positions at a 32k vocabulary)
+
+# forward(...) == lm_head(base_model(...).last_hidden_state) for these model types.
+CHUNKED_MODEL_TYPES = frozenset(
+    {"gpt2", "llama", "mistral", "qwen2", "qwen3", "gpt_neox", "phi3", "olmo", "olmo2"}
+)
+_SCALING_ATTRIBUTES = ("final_logit_softcapping", "logit_scale", "logits_scaling")
+
+
+def split_model(model: Any) -> tuple[Any, torch.nn.Module] | None:
+    """(backbone, lm_head) when the model is a plain backbone + linear head, else None."""
+    config = getattr(model, "config", None)
+    if config is None or getattr(config, "model_type", None) not in CHUNKED_MODEL_TYPES:
+        return None
+    if any(getattr(config, name, None) not in (None, 1, 1.0) for name in _SCALING_ATTRIBUTES):
+        return None
+    get_head = getattr(model, "get_output_embeddings", None)
+    head = get_head() if get_head is not None else None
+    backbone = getattr(model, "base_model", None)
+    if head is None or backbone is None or backbone is model:
+        return None
+    if head._forward_hooks or head._forward_pre_hooks:
+        # Someone observes the head's [batch, tokens, hidden] input (e.g. wanda on a tied
+        # lm_head): give them the model's own forward.
+        return None
+    return backbone, head
+
+
+def chunk_rows(vocab: int, chunk_bytes: int | None = None) -> int:
+    """Positions per chunk so that one chunk's float32 logits stay within ``chunk_bytes``."""
+    budget = CHUNK_BYTES if chunk_bytes is None else int(chunk_bytes)
+    return max(1, budget // (4 * max(1, int(vocab))))
+
+
+def _nll_of_chunk(
+    head: torch.nn.Module, hidden: torch.Tensor, targets: torch.Tensor
+) -> torch.Tensor:
+    logits = head(hidden).float()
+    return torch.nn.functional.cross_entropy(logits, targets, reduction="none")
+
+
+def hidden_states(backbone: Any, input_ids: torch.Tensor, **kwargs: Any) -> torch.Tensor:
+    return backbone(input_ids=input_ids, use_cache=False, **kwargs).last_hidden_state
+
+
+def chunked_nll(
+    head: torch.nn.Module,
+    hidden: torch.Tensor,
+    targets: torch.Tensor,
+    *,
+    chunk_bytes: int | None = None,
+) -> torch.Tensor:
+    """Float32 NLL of ``targets`` [N] given final hidden states [N, H], chunk by chunk.
+
+    With gradients enabled each chunk is checkpointed: its logits are freed after the forward
+    and recomputed during backward (also under ``create_graph`` for Hessian-vector products).
+    """
+    n = int(hidden.shape[0])
+    vocab = int(head.weight.shape[0])
+    rows = chunk_rows(vocab, chunk_bytes)
+    grad = torch.is_grad_enabled() and (hidden.requires_grad or head.weight.requires_grad)
+    pieces = []
+    for start in range(0, n, rows):
+        h, y = hidden[start : start + rows], targets[start : start + rows]
+        if grad:
+            from torch.utils.checkpoint import checkpoint
+
+            pieces.append(checkpoint(_nll_of_chunk, head, h, y, use_reentrant=False))
+        else:
+            pieces.append(_nll_of_chunk(head, h, y))
+    if not pieces:
+        return hidden.new_zeros(0, dtype=torch.float32)
+    return torch.cat(pieces) if len(pieces) > 1 else pieces[0]
+
+
+def token_nll_chunked(
+    split: tuple[Any, torch.nn.Module],
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    mask: torch.Tensor,
+    *,
+    chunk_bytes: int | None = None,
+) -> torch.Tensor:
+    """Per-position NLL [B, T] (float32, 0 where ``mask`` is False) of token t+1 at position t."""
+    backbone, head = split
+    hidden = hidden_states(backbone, input_ids, attention_mask=attention_mask)
+    targets = torch.zeros_like(input_ids)
+    targets[:, :-1] = input_ids[:, 1:]
+    flat_mask = mask.reshape(-1)
+    picked = hidden.reshape(-1, hidden.shape[-1])[flat_mask]
+    nll = chunked_nll(head, picked, targets.reshape(-1)[flat_mask], chunk_bytes=chunk_bytes)
+    out = torch.zeros(flat_mask.shape[0], dtype=torch.float32, device=nll.device)
+    out = out.masked_scatter(flat_mask.to(nll.device), nll)
+    return out.view(input_ids.shape)
+
+
+def continuation_scores(
+    head: torch.nn.Module,
+    hidden: torch.Tensor,
+    targets: torch.Tensor,
+    *,
+    chunk_bytes: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(log p(target) float32 [N], target is the argmax [N]) from hidden states [N, H].
+
+    log p = logit(target) - logsumexp(logits) in float32, as the unchunked engine computes it.
+    """
+    vocab = int(head.weight.shape[0])
+    rows = chunk_rows(vocab, chunk_bytes)
+    logps, greedy = [], []
+    for start in range(0, int(hidden.shape[0]), rows):
+        logits = head(hidden[start : start + rows]).float()
+        y = targets[start : start + rows]
+        norm = torch.logsumexp(logits, dim=-1)
+        logps.append(logits.gather(1, y[:, None])[:, 0] - norm)
+        greedy.append(logits.argmax(dim=-1) == y)
+        del logits
+    if not logps:
+        empty = hidden.new_zeros(0, dtype=torch.float32)
+        return empty, empty.bool()
+    return torch.cat(logps), torch.cat(greedy)
