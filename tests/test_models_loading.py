@@ -128,7 +128,9 @@ def test_fingerprint_definition_by_hand():
 def test_fingerprint_streams_large_tensors_in_chunks(monkeypatch):
     model = tiny_gpt2()
     whole = model_fingerprint(model)
-    monkeypatch.setattr(loading, "_FINGERPRINT_CHUNK_ELEMENTS", 7)
+    from cwa.models import fingerprint
+
+    monkeypatch.setattr(fingerprint, "_FINGERPRINT_CHUNK_ELEMENTS", 7)
     assert model_fingerprint(model) == whole
 
 

@@ -1,4 +1,4 @@
-"""Loading causal language models for analysis, and fingerprinting their weights.
+"""Loading causal language models for analysis.
 
 :func:`load_model` turns a model reference (a local Hugging Face folder, a hub name, or the
 built-in ``toy`` / ``toy-llama``) into a :class:`LoadedModel`: the model in ``eval()`` mode on
@@ -6,19 +6,16 @@ the requested device and dtype, its tokenizer, its :class:`ArchitectureMap`, and
 fingerprint of config plus weights that every run records, so results can be tied to the
 exact weights they were computed on. Every failure a user can fix (missing folder, hub
 offline or unreachable, not a causal LM, device absent) is a one-line
-:class:`~cwa.errors.CwaError` naming the fix.
+:class:`~cwa.errors.CwaError` naming the fix. Resolving references and hub errors live in
+:mod:`cwa.models.sources`, fingerprinting in :mod:`cwa.models.fingerprint` (both re-exported).
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
-import os
 import re
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -26,14 +23,28 @@ from torch import nn
 
 from cwa.errors import InvalidInput, ModelLoadError, UnsupportedArchitecture
 from cwa.models.architecture import ArchitectureMap, build_architecture_map
+from cwa.models.fingerprint import (  # noqa: F401  (re-exported)
+    _FINGERPRINT_CHUNK_ELEMENTS,
+    canonical_config_json,
+    model_fingerprint,
+)
+from cwa.models.sources import (  # noqa: F401  (re-exported)
+    _NETWORK_ERRORS,
+    TOY_VARIANTS,
+    _cached_folder,
+    _exception_chain,
+    _hub_error,
+    _hub_offline,
+    _load_config,
+    _one_line,
+    _resolve_source,
+)
 from cwa.progress import NULL_REPORTER, Reporter
 
 
 class DeviceUnavailable(InvalidInput):
     """The requested device (cuda, cuda:N, mps) does not exist on this machine."""
 
-
-TOY_VARIANTS: dict[str, str] = {"toy": "gpt2", "toy-gpt2": "gpt2", "toy-llama": "llama"}
 
 DTYPES: dict[str, torch.dtype] = {
     "float32": torch.float32,
@@ -45,26 +56,6 @@ DTYPES: dict[str, torch.dtype] = {
     "fp16": torch.float16,
     "half": torch.float16,
 }
-
-# Config keys that describe how a model is run or where it came from, not what it computes;
-# left out of the fingerprint so that the same weights always give the same fingerprint.
-_VOLATILE_CONFIG_KEYS = frozenset(
-    {
-        "_name_or_path",
-        "_commit_hash",
-        "transformers_version",
-        "architectures",
-        "dtype",
-        "torch_dtype",
-        "attn_implementation",
-        "use_cache",
-        "output_attentions",
-        "output_hidden_states",
-        "return_dict",
-    }
-)
-
-_FINGERPRINT_CHUNK_ELEMENTS = 1 << 24  # hash large tensors in slices to bound host memory
 
 
 @dataclass
@@ -141,230 +132,6 @@ def resolve_dtype(dtype: str, device: torch.device, config: Any = None) -> torch
     return torch.float32
 
 
-# ---------------------------------------------------------------------------------------
-# Fingerprint
-# ---------------------------------------------------------------------------------------
-
-
-def _strip_volatile(value: Any) -> Any:
-    if isinstance(value, dict):
-        return {
-            str(k): _strip_volatile(v)
-            for k, v in value.items()
-            if k not in _VOLATILE_CONFIG_KEYS and not str(k).startswith("_attn_implementation")
-        }
-    if isinstance(value, list | tuple):
-        return [_strip_volatile(v) for v in value]
-    return value
-
-
-def canonical_config_json(model: nn.Module) -> str:
-    """The model's config as sorted, compact JSON without run-time/provenance keys."""
-    config = getattr(model, "config", None)
-    data: dict[str, Any]
-    if config is None:
-        data = {}
-    elif hasattr(config, "to_dict"):
-        data = config.to_dict()
-    else:
-        data = dict(vars(config))
-    data = _strip_volatile(data)
-    data["__class__"] = type(model).__name__
-    return json.dumps(data, sort_keys=True, separators=(",", ":"), default=str)
-
-
-def model_fingerprint(model: nn.Module, *, reporter: Reporter | None = None) -> str:
-    """sha256 (hex) over the canonical config JSON and every parameter's name, dtype, shape
-    and bytes, parameters in name order, tied tensors once.
-
-    Deterministic: the same weights give the same fingerprint on any device; changing any
-    single weight changes it. Tensors are hashed one by one (large ones in slices), so the
-    extra memory is bounded by one slice.
-    """
-    reporter = reporter or NULL_REPORTER
-    digest = hashlib.sha256()
-    digest.update(b"cwa-fingerprint-v1\0")
-    digest.update(canonical_config_json(model).encode("utf-8"))
-    params = sorted(model.named_parameters(), key=lambda item: item[0])
-    task = reporter.task("fingerprinting weights", len(params))
-    try:
-        for name, param in params:
-            tensor = param.detach()
-            if tensor.device.type == "meta":
-                raise ModelLoadError(
-                    f"parameter {name} has no data (meta device); load the weights before "
-                    "fingerprinting"
-                )
-            header = f"\0{name}\0{str(tensor.dtype).removeprefix('torch.')}\0{list(tensor.shape)}"
-            digest.update(header.encode("utf-8"))
-            flat = tensor.contiguous().reshape(-1)
-            for start in range(0, flat.numel(), _FINGERPRINT_CHUNK_ELEMENTS):
-                chunk = flat[start : start + _FINGERPRINT_CHUNK_ELEMENTS].cpu()
-                digest.update(chunk.view(torch.uint8).numpy().tobytes())
-            task.advance()
-    finally:
-        task.close()
-    return digest.hexdigest()
-
-
-# ---------------------------------------------------------------------------------------
-# Resolving a reference
-# ---------------------------------------------------------------------------------------
-
-_REPO_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*(/[A-Za-z0-9][A-Za-z0-9._-]*)?$")
-
-
-def _hub_offline() -> bool:
-    env = os.environ.get("HF_HUB_OFFLINE") or os.environ.get("TRANSFORMERS_OFFLINE") or ""
-    if env.strip().upper() in {"1", "ON", "YES", "TRUE"}:
-        return True
-    try:
-        from huggingface_hub import is_offline_mode
-    except ImportError:  # older huggingface_hub
-        return False
-    return bool(is_offline_mode())
-
-
-def _exception_chain(exc: BaseException) -> list[BaseException]:
-    chain: list[BaseException] = []
-    current: BaseException | None = exc
-    while current is not None and current not in chain:
-        chain.append(current)
-        current = current.__cause__ or current.__context__
-    return chain
-
-
-def _one_line(text: object, limit: int = 160) -> str:
-    line = " ".join(str(text).split())
-    return line if len(line) <= limit else line[: limit - 3] + "..."
-
-
-# Exception class names (anywhere in the chain) that mean "the hub could not be reached".
-_NETWORK_ERRORS = frozenset(
-    {
-        "ConnectError",
-        "ConnectTimeout",
-        "ReadTimeout",
-        "TimeoutException",
-        "gaierror",
-        "ConnectionError",
-        "TimeoutError",
-        "LocalEntryNotFoundError",
-        "ProxyError",
-        "SSLError",
-        "OfflineModeIsEnabled",
-    }
-)
-
-
-def _hub_error(ref: str, exc: BaseException, offline: bool) -> ModelLoadError:
-    """Translate a hub failure into one actionable line."""
-    names = {type(e).__name__ for e in _exception_chain(exc)}
-    if "GatedRepoError" in names:
-        return ModelLoadError(
-            f"{ref!r} is a gated model on the Hugging Face hub; accept its licence on "
-            "huggingface.co and log in (hf auth login), or pass a local model folder"
-        )
-    if "RepositoryNotFoundError" in names:
-        return ModelLoadError(
-            f"no model named {ref!r} on the Hugging Face hub and no local folder of that name; "
-            "check the spelling or pass a local model folder"
-        )
-    if "RevisionNotFoundError" in names:
-        return ModelLoadError(f"{ref!r}: revision not found on the hub; check the revision")
-    if offline or "OfflineModeIsEnabled" in names:
-        return ModelLoadError(
-            f"{ref!r} is not a local folder and is not in the Hugging Face cache, and the hub is "
-            "offline (HF_HUB_OFFLINE=1); pass a local model folder, or unset HF_HUB_OFFLINE and "
-            "connect to download it"
-        )
-    if names & _NETWORK_ERRORS:
-        reason = _one_line(_exception_chain(exc)[-1], 80)
-        return ModelLoadError(
-            f"could not reach the Hugging Face hub to fetch {ref!r} ({reason}); pass a local "
-            "model folder, or set HF_HUB_OFFLINE=1 to use models already in the local cache"
-        )
-    if "EntryNotFoundError" in names or "RemoteEntryNotFoundError" in names:
-        return ModelLoadError(
-            f"{ref!r} on the Hugging Face hub has no config.json; it is not a transformers "
-            "model repository"
-        )
-    return ModelLoadError(f"could not load {ref!r} from the Hugging Face hub: {_one_line(exc)}")
-
-
-def _resolve_source(ref: str, reporter: Reporter) -> tuple[str, Path | None]:
-    """(what to pass to from_pretrained, local folder or None for a hub name)."""
-    if not ref or not ref.strip():
-        raise InvalidInput("empty model reference; give a folder path, a hub name or 'toy'")
-    ref = ref.strip()
-    if ref.lower() in TOY_VARIANTS:
-        try:
-            from cwa.toy import ensure_toy_model
-        except ImportError as exc:
-            raise ModelLoadError(
-                f"the built-in toy model is unavailable ({_one_line(exc)}); reinstall cwa"
-            ) from exc
-        folder = Path(ensure_toy_model(TOY_VARIANTS[ref.lower()], reporter=reporter))
-        return str(folder), folder
-    candidate = Path(ref).expanduser()
-    if candidate.exists():
-        if not candidate.is_dir():
-            raise ModelLoadError(
-                f"{ref!r} is a file, not a model folder; give the folder that holds config.json"
-            )
-        if not (candidate / "config.json").is_file():
-            raise ModelLoadError(
-                f"folder {str(candidate)!r} has no config.json, so it is not a Hugging Face "
-                "model folder; point at the folder written by save_pretrained"
-            )
-        return str(candidate.resolve()), candidate.resolve()
-    if not _REPO_ID_RE.match(ref) or ref.startswith((".", "~")):
-        raise ModelLoadError(
-            f"no model folder at {ref!r}; check the path, or give a Hugging Face model name "
-            "(e.g. gpt2) or 'toy'"
-        )
-    return ref, None
-
-
-def _load_config(source: str, ref: str, local: bool, trust_remote_code: bool, offline: bool):
-    from transformers import AutoConfig
-
-    if local:
-        try:
-            raw = json.loads((Path(source) / "config.json").read_text(encoding="utf-8"))
-        except (OSError, ValueError) as exc:
-            raise ModelLoadError(
-                f"{source}/config.json cannot be read as JSON ({_one_line(exc, 80)}); "
-                "re-save the model with save_pretrained"
-            ) from exc
-        if not isinstance(raw, dict):
-            raise ModelLoadError(f"{source}/config.json is not a JSON object; re-save the model")
-        if "model_type" not in raw:
-            raise UnsupportedArchitecture(
-                f"{source}/config.json has no model_type, so transformers cannot tell which "
-                "architecture it is; re-save the model with save_pretrained"
-            )
-    try:
-        return AutoConfig.from_pretrained(
-            source, trust_remote_code=trust_remote_code, local_files_only=offline or local
-        )
-    except ValueError as exc:
-        text = str(exc)
-        if "trust_remote_code" in text:
-            raise ModelLoadError(
-                f"{ref!r} needs its own Python code to load; pass --trust-remote-code if you "
-                "trust its authors"
-            ) from exc
-        raise UnsupportedArchitecture(
-            f"{ref!r}: transformers cannot read this config ({_one_line(text, 100)}); upgrade "
-            "transformers, or pass --trust-remote-code if the model ships its own code"
-        ) from exc
-    except OSError as exc:
-        if local:
-            raise ModelLoadError(f"cannot read the config of {ref!r}: {_one_line(exc)}") from exc
-        raise _hub_error(ref, exc, offline) from exc
-
-
 def _check_causal_lm(config: Any, ref: str, trust_remote_code: bool) -> None:
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
 
@@ -391,7 +158,7 @@ def load_model(
     reporter: Reporter | None = None,
     load_tokenizer: bool = True,
 ) -> LoadedModel:
-    """Load a causal LM by local folder, Hugging Face name, GGUF file, or ``toy`` / ``toy-llama``.
+    """Load a causal LM by local folder, Hugging Face name, or ``toy`` / ``toy-llama``.
 
     ``dtype``: auto|float32|bfloat16|float16 (see :func:`resolve_dtype`); ``device``:
     auto|cpu|cuda|cuda:N|mps (see :func:`resolve_device`); ``attn_implementation``: None for
@@ -401,20 +168,6 @@ def load_model(
     """
     reporter = reporter or NULL_REPORTER
     torch_device = resolve_device(device)
-    from cwa.models.gguf import find_gguf, load_gguf  # a .gguf file: cwa/models/gguf.py
-
-    gguf = find_gguf(ref)
-    if gguf is not None:
-        return load_gguf(
-            gguf,
-            ref=ref,
-            dtype=dtype,
-            device=torch_device,
-            trust_remote_code=trust_remote_code,
-            attn_implementation=attn_implementation,
-            load_tokenizer=load_tokenizer,
-            reporter=reporter,
-        )
     source, folder = _resolve_source(ref, reporter)
     local = folder is not None
     offline = _hub_offline()
@@ -557,14 +310,3 @@ def _load_tokenizer(
             "next to the model); save the tokenizer in the same folder (save_pretrained)"
         )
     return tokenizer
-
-
-def _cached_folder(repo_id: str, offline: bool) -> Path | None:
-    """Snapshot folder of a hub model in the local cache (for the record), if resolvable."""
-    try:
-        from transformers.utils import cached_file
-
-        config_file = cached_file(repo_id, "config.json", local_files_only=True)
-    except Exception:  # noqa: BLE001 - provenance only; never fail a load over it
-        return None
-    return Path(config_file).parent if config_file else None
