@@ -287,3 +287,31 @@ def test_shell_completion_is_available() -> None:
         [cwa, "--show-completion", "bash"], capture_output=True, text=True, timeout=60
     )
     assert "complete -o default -F _cwa_completion cwa" in script.stdout
+
+
+def test_management_commands_stay_light(demo_store: Path) -> None:
+    import subprocess
+    import sys
+    import textwrap
+
+    heavy = ("torch", "transformers", "datasets", "mlflow", "sklearn", "matplotlib", "scipy")
+    script = textwrap.dedent(
+        f"""
+        import sys
+        from typer.testing import CliRunner
+        from cwa_cli.main import app
+        runner = CliRunner()
+        for args in (["sql", "--file", {str(EXAMPLES)!r}, "--list"],
+                     ["sql", "--file", {str(EXAMPLES)!r}, "--name", "lineage"],
+                     ["runs", "compare", "latest:evaluate", "latest:perturb"],
+                     ["runs", "tag", "latest:score", "a=b"], ["db", "gc", "--dry-run"]):
+            result = runner.invoke(app, ["--store", {str(demo_store)!r}, "--no-mlflow", *args])
+            assert result.exit_code == 0, (args, result.output)
+        print(",".join(sorted(m for m in {heavy!r} if m in sys.modules)))
+        """
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=120
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "", f"heavy imports: {proc.stdout}"
