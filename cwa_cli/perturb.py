@@ -67,7 +67,12 @@ def perturb_cmd(
     components: ComponentsOpt = None,
     heads: Annotated[
         str | None,
-        typer.Option("--heads", help="Only these attention heads, LAYER.HEAD, e.g. '3.1,5.0'."),
+        typer.Option(
+            "--heads",
+            help="Only these attention head groups, LAYER.J, e.g. '3.1,5.0': key-value head J "
+            "with the query heads that read it (the head itself without GQA), as in rank "
+            "--mode head.",
+        ),
     ] = None,
     tasks: Annotated[
         str,

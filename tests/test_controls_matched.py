@@ -196,3 +196,26 @@ def test_gqa_head_group_equals_masking_its_query_heads():
             # the old numbering (query head kv + kv head kv) is not a head mask
             wrong = masked_logits(layer, [kv])
             assert not torch.allclose(zeroed, wrong, atol=1e-4)
+
+
+def test_perturb_heads_scope_is_the_kv_group_of_the_head_ranking():
+    """--heads L.J (kv_groups=True) covers exactly the elements of head group layer=L,kv_head=J."""
+    from cwa.models.architecture import build_architecture_map
+    from cwa.perturbation.groups import group_scopes
+    from cwa.perturbation.scope import scope_from_architecture, scope_from_params
+
+    model = _llama_gqa()
+    arch = build_architecture_map(model)
+    groups = group_scopes(arch, scope_from_params(model), "head")
+    for layer in (0, 1):
+        for kv in (0, 1):
+            scope = scope_from_architecture(arch, heads=[(layer, kv)], kv_groups=True)
+            got = {e.name: e.flat_positions().tolist() for e in scope}
+            want = {
+                e.name: e.flat_positions().tolist() for e in groups[f"layer={layer},kv_head={kv}"]
+            }
+            assert got == want
+    from cwa.errors import InvalidInput
+
+    with pytest.raises(InvalidInput, match="out of range"):
+        scope_from_architecture(arch, heads=[(0, 2)], kv_groups=True)  # only 2 kv heads

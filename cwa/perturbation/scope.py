@@ -144,19 +144,37 @@ def scope_from_params(target: NamedParams, names: Iterable[str] | None = None) -
     return [ScopeEntry(n, t.numel()) for n, t in params.items() if n in wanted_set]
 
 
+def _head_masks(
+    arch: Any, layer: int, head: int, components: tuple[str, ...], kv_groups: bool
+) -> list[tuple[str, torch.Tensor]]:
+    if not kv_groups:
+        return list(arch.head_elements(layer, head, components=components).items())
+    kv_side = tuple(c for c in components if c in ("attn_k", "attn_v"))
+    q_side = tuple(c for c in components if c in ("attn_q", "attn_o"))
+    out = list(arch.head_elements(layer, head, components=kv_side).items()) if kv_side else []
+    for q_head in arch.q_heads_of_kv(head):  # raises for a key-value head the model lacks
+        if q_side:
+            out += list(arch.head_elements(layer, q_head, components=q_side).items())
+    return out
+
+
 def scope_from_architecture(
     arch: Any,
     *,
     layers: Iterable[int] | None = None,
     components: Iterable[str] | None = None,
     heads: Iterable[tuple[int, int]] | None = None,
+    kv_groups: bool = False,
 ) -> list[ScopeEntry]:
     """The scope of an :class:`~cwa.models.architecture.ArchitectureMap` restricted to
     ``layers``, ``components`` and (optionally) attention ``heads`` given as (layer, head).
 
     An element is in scope when it is in the given layers and components and, if ``heads``
-    is given, belongs to one of those heads (the union of their elements; for k/v of GQA
-    models the head is the KV head, as in the architecture map). Raises
+    is given, belongs to one of those heads (the union of their elements). By default the head
+    is read in each component's own numbering (query head for q/o, key-value head for k/v, as
+    in the architecture map); with ``kv_groups=True`` it is a key-value head J together with
+    the query heads that read it (their q rows and o columns): the head groups of
+    ``cwa rank --mode head``, correct under grouped-query attention. Raises
     :class:`~cwa.errors.InvalidInput` when nothing is left.
     """
     layer_list = None if layers is None else list(layers)
@@ -174,7 +192,7 @@ def scope_from_architecture(
             )
         head_union = {}
         for layer, head in head_list:
-            for name, mask in arch.head_elements(layer, head, components=head_components).items():
+            for name, mask in _head_masks(arch, layer, head, head_components, kv_groups):
                 mask = mask.detach().reshape(-1).cpu()
                 head_union[name] = mask if name not in head_union else head_union[name] | mask
     entries = []

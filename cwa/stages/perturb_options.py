@@ -118,15 +118,17 @@ def perturb_scope(
         comps(config.components),
     )
     heads = config.heads
-    for layer, head in heads or []:
+    for layer, head in heads or []:  # LAYER.J: key-value head J and the query heads reading it
         arch._check_layer(layer)
-        arch._check_head(head, max(arch.n_heads, arch.n_kv_heads))
+        arch._check_head(head, arch.n_kv_heads)
     if heads is None and rank_run.config.get("mode") == "head":
         # A head ranking covers only attention-head elements: so must the controls.
         layer_ids = layers if layers is not None else range(arch.n_layers)
-        heads = [(layer, h) for layer in layer_ids for h in range(arch.n_heads)]
+        heads = [(layer, h) for layer in layer_ids for h in range(arch.n_kv_heads)]
         if components is None:
             components = ["attn_q", "attn_k", "attn_v", "attn_o"]
-    scope = scope_from_architecture(arch, layers=layers, components=components, heads=heads)
+    scope = scope_from_architecture(
+        arch, layers=layers, components=components, heads=heads, kv_groups=True
+    )
     record = {"layers": layers, "components": components, "heads": heads}
     return scope, record
