@@ -56,6 +56,6 @@ def demo_cmd(
             f"perturbation_effects WHERE run_id = '{result.perturb.run_id}' GROUP BY ALL "
             'ORDER BY ALL"\n'
             f"  cwa runs show {result.perturb.run_id}\n"
-            f"  mlflow ui --backend-store-uri sqlite:///{db}/mlflow.db",
+            f"  cwa --store {db} mlflow ui     # MLflow UI, opened on the runs table",
             highlight=False,
         )
