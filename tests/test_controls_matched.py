@@ -219,3 +219,20 @@ def test_perturb_heads_scope_is_the_kv_group_of_the_head_ranking():
 
     with pytest.raises(InvalidInput, match="out of range"):
         scope_from_architecture(arch, heads=[(0, 2)], kv_groups=True)  # only 2 kv heads
+
+
+def test_grouped_bottom_k_fills_a_group_of_zero_scores_in_scope_order():
+    """A group whose scores are (mostly) zero -- a bias with no gradient -- still gets the
+    treatment's count: every non-zero score first, then zero-score weights in scope order."""
+    from cwa.perturbation.scope import ScopeEntry
+    from cwa.perturbation.selection import bottom_k_by_group
+
+    scores = {"a": torch.tensor([0.0, 0.0, 0.5, 0.0, 0.0]), "b": torch.tensor([3.0, 1.0, 2.0])}
+    groups = {"ga": [ScopeEntry("a", 5)], "gb": [ScopeEntry("b", 3)]}
+    chosen = bottom_k_by_group(scores.items(), groups, {"ga": 3, "gb": 2}, key="abs")
+    assert {n: v.tolist() for n, v in chosen.items()} == {"a": [0, 1, 2], "b": [1, 2]}
+    assert chosen.info["zero_filled"] == {"ga": 2}
+    from cwa.errors import InvalidInput
+
+    with pytest.raises(InvalidInput, match="candidate weights"):
+        bottom_k_by_group(scores.items(), groups, {"ga": 6, "gb": 1}, key="abs")
