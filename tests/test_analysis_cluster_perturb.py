@@ -80,7 +80,8 @@ def test_clusters_then_clustered_perturbation_then_effects(
     rank_id = _run_id(cli("--json", "rank", score_id, "--topk", "200"))
     clusters_id = _run_id(
         cli("--json", "analyze", "clusters", score_id, "-o", "top_n=200", "-o",
-            "sample_size=2000", "-o", "n_clusters=4", "-o", "seed=0")
+            "sample_size=2000", "-o", "n_clusters=4", "-o", "seed=0",
+            "-o", "silhouette_sample=5000")
     )  # fmt: skip
     members = _rows(
         store_path,

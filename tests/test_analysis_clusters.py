@@ -183,6 +183,16 @@ def test_clusters_match_sklearn_on_the_same_features(
         expected = members.filter(cluster_id=cluster_id)["abs_weight"].mean()
         assert value == pytest.approx(expected, rel=1e-12)
     assert out["summary"]["n_weights"] == members.height <= 60 + 500
+    if algorithm == "kmeans":
+        # The silhouette on a seeded subsample of 100 points, as documented.
+        from dataclasses import replace
+
+        small = cluster_weights(
+            paths, _Weights(model), arch, replace(options, silhouette_sample=100)
+        )
+        pick = np.sort(np.random.default_rng(3).choice(len(x), size=100, replace=False))
+        expected = silhouette_score(x[pick], ref.labels_[pick])
+        assert small["summary"]["silhouette"] == pytest.approx(expected, rel=1e-9)
 
 
 def test_bad_cluster_options_are_one_line_errors(tiny_model, tmp_path) -> None:
@@ -197,3 +207,32 @@ def test_bad_cluster_options_are_one_line_errors(tiny_model, tmp_path) -> None:
     ]:
         with pytest.raises(InvalidInput, match=text):
             cluster_weights(paths, _Weights(model), arch, options)
+
+
+def test_top_n_skips_nan_and_breaks_ties_like_rank(tiny_model, tmp_path) -> None:
+    """NaN (not scored) never enters the top-N; ties go to the earlier tensor, then the lower
+    flat index, exactly as `cwa rank` orders them (brute force over every score)."""
+    model, arch = tiny_model
+    gen = torch.Generator().manual_seed(5)
+    tensors = {}
+    for i, (name, param) in enumerate(model.named_parameters()):
+        score = torch.rand(param.shape, generator=gen)
+        if i == 0:
+            score.view(-1)[::3] = float("nan")  # the first (largest) tensor is partly unscored
+            score.view(-1)[1::7] = 0.999  # and has many ties at a high value
+        if i == 5:
+            score.view(-1)[:40] = 0.999  # ties in a later tensor lose to the earlier one
+        tensors[name] = score
+    path = write_score_file(tmp_path / "nan.safetensors", tensors)
+    names = list(arch.params)
+    numels = [arch.params[n].numel for n in names]
+    sample = sample_weights(path, names, numels, 300, 0, seed=0)
+    rows = []
+    for position, name in enumerate(names):
+        for flat, value in enumerate(tensors[name].reshape(-1).tolist()):
+            if value == value:  # not NaN
+                rows.append((-value, position, flat, name))
+    rows.sort()
+    expected = [(name, flat) for _, _, flat, name in rows[:300]]
+    got = list(zip(sample["parameter"].to_list(), sample["flat_index"].to_list(), strict=True))
+    assert sorted(got) == sorted(expected) and sample["in_top_n"].all()

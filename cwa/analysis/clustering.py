@@ -51,7 +51,7 @@ class ClusterOptions:
     eps: float = 0.5  # DBSCAN neighbourhood radius (clustering space)
     min_samples: int = 5  # DBSCAN core-point threshold
     standardize: bool = True
-    silhouette_sample: int = 5000
+    silhouette_sample: int = 2000
 
     def validate(self) -> None:
         if self.algorithm not in ALGORITHMS:
@@ -127,7 +127,7 @@ def gather_sample(
     from cwa.models.architecture import COMPONENTS
     from cwa.perturbation.scope import ScopeEntry
     from cwa.perturbation.selection import random_k
-    from cwa.ranking import RunningTopK, _top_indices
+    from cwa.ranking import RunningTopK
     from cwa.scorefile import open_scores
 
     total = int(sum(numels))
@@ -140,13 +140,12 @@ def gather_sample(
     with ExitStack() as stack:
         readers = [stack.enter_context(open_scores(p)) for p in score_paths]
         for position, name in enumerate(names):
-            values = readers[0].get(name).to(torch.float32).numpy().reshape(-1)
+            scores = readers[0].get(name).to(torch.float32).reshape(-1)
+            values = scores.numpy()
             local = np.empty(0, dtype=np.int64)
             if top is not None:
-                valid = np.flatnonzero(~np.isnan(values))
-                keys = values[valid]
-                if keys.size:
-                    local = valid[_top_indices(keys, min(top_n, keys.size))]  # ascending
+                local = _local_top(scores, top, top_n)
+                if local.size:
                     top.offer(position, values[local], local)
             sampled = drawn[name].numpy() if name in drawn else np.empty(0, dtype=np.int64)
             flats = np.union1d(local, sampled).astype(np.int64)
@@ -197,6 +196,44 @@ def gather_sample(
         }  # fmt: skip
         frames.append(frame.with_columns(pl.DataFrame(extra, strict=False)))
     return pl.concat(frames, how="vertical_relaxed")
+
+
+def _local_top(scores: Any, top: Any, n: int) -> Any:
+    """Ascending flat indices of the tensor's top-n scores (value desc, then flat index asc)
+    that can still enter the running global top-n; NaN (not scored) never does.
+
+    A cheap threshold first (the global n-th key once the running set is full, else a lower
+    bound of the tensor's own n-th value), then an exact tie-aware top-n
+    (:func:`cwa.ranking._top_indices`) on the few candidates: no sort, partition or top-k
+    selection over a large tensor.
+    """
+    import math
+
+    import numpy as np
+
+    from cwa.ranking import _top_indices
+
+    values = scores.numpy()
+    if scores.numel() == 0:
+        return np.empty(0, dtype=np.int64)
+    if top.full:
+        threshold = float(top.keys[-1])
+        if float(scores.max()) <= threshold:  # nothing here can enter (NaN max: look closer)
+            return np.empty(0, dtype=np.int64)
+        flats = np.flatnonzero(values > threshold)  # NaN compares False
+    elif scores.numel() <= 2 * n:
+        flats = np.flatnonzero(~np.isnan(values))
+    else:
+        # A lower bound of the tensor's n-th largest value without selecting it: the smallest
+        # of the maxima of n disjoint chunks (n distinct elements are at least that large).
+        has_nan = math.isnan(float(scores.max()))  # max propagates NaN; cheaper than isnan
+        finite = scores.nan_to_num(-np.inf) if has_nan else scores
+        chunk = finite.numel() // n
+        bound = float(finite[: chunk * n].reshape(n, chunk).amax(dim=1).min())
+        flats = np.flatnonzero(values >= bound)
+    if flats.size > n:
+        flats = flats[_top_indices(values[flats], n)]
+    return flats.astype(np.int64)
 
 
 def sample_weights(

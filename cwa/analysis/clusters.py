@@ -176,7 +176,7 @@ ANALYZER = AnalyzerSpec(
         AnalyzerOption("min_samples", "int", 5, "DBSCAN core-point threshold", minimum=1),
         AnalyzerOption("standardize", "bool", True, "z-score every feature before clustering"),
         AnalyzerOption(
-            "silhouette_sample", "int", 5000, "points the silhouette is computed on", minimum=2
+            "silhouette_sample", "int", 2000, "points the silhouette is computed on", minimum=2
         ),
         AnalyzerOption("use_weights", "bool", True, "include |w| (reads the checkpoint)"),
     ),  # fmt: skip
