@@ -37,6 +37,8 @@ from cwa.errors import InvalidInput
 
 _BINS = 1 << 16
 FORMAT = "cwa-selection/1"
+SELECTION_FILE = "selection.bin"
+ROWS_IN_TABLE = 10_000  # first rows of a pruning-scale ranking kept in ranked_weights for SQL
 
 
 @dataclass
@@ -222,3 +224,40 @@ def iter_selection(path: str | Path) -> Iterator[tuple[str, np.ndarray]]:
             else:
                 dtype = np.dtype(entry["encoding"].split(":", 1)[1])
                 yield entry["name"], np.frombuffer(raw, dtype=dtype).astype(np.int64)
+
+
+def check_fraction_rank(config: Any) -> None:
+    """``cwa rank --topk N%``: global mode over the score run's whole scope (for now)."""
+    text = str(config.topk).strip()
+    try:
+        percent = float(text[:-1])
+    except ValueError as exc:
+        raise InvalidInput(f"--topk {text!r} is not a percentage; write e.g. 50%") from exc
+    if not 0 < percent <= 100:
+        raise InvalidInput(f"--topk {text!r} must be a percentage in (0, 100]")
+    if config.mode != "global" or config.layers or config.components:
+        raise InvalidInput(
+            f"--topk {text} selects a fraction of every scored weight: use --mode global "
+            "without --layers/--components (score a narrower scope instead)"
+        )
+
+
+def store_selection(
+    ctx: Any, score_path: Path, k: int, *, by: str, bottom: bool
+) -> dict[str, float]:
+    """Write a rank run's compact selection artifact; returns metrics, records the config."""
+    out = ctx.artifact_path(SELECTION_FILE, kind="selection")
+    ctx.artifact_path(f"{SELECTION_FILE}.json", kind="selection")
+    summary = select_k(score_path, k, out, by=by, bottom=bottom)
+    ctx.record_config(
+        selection={
+            "artifact": SELECTION_FILE,
+            "format": FORMAT,
+            "k": summary.k,
+            "n_candidates": summary.n_candidates,
+            "threshold_key": summary.threshold_key,
+            "rows_in_ranked_weights": min(summary.k, ROWS_IN_TABLE),
+            "per_tensor": summary.counts,
+        }
+    )
+    return {"n_selected": float(summary.k), "selection_bytes": float(summary.bytes_written)}

@@ -22,7 +22,8 @@ def rank_cmd(
     topk: Annotated[
         str,
         typer.Option(
-            "--topk", "-k", help="Weights per group, or 'all' (every weight in scope; warns)."
+            "--topk", "-k", help="Weights per group, 'all' (every weight in scope; warns), or N% "
+            "(global mode: exact selection stored compactly, first rows in ranked_weights)."
         ),
     ] = "100",
     mode: Annotated[
@@ -114,7 +115,9 @@ def rank_cmd(
 def _int_topk(text: str) -> int:
     from cwa.errors import InvalidInput
 
+    if text.strip().endswith("%"):  # a fraction of the weights in scope (global mode)
+        return text.strip()  # type: ignore[return-value]
     try:
         return int(text)
     except ValueError:
-        raise InvalidInput(f"--topk {text!r}: give a whole number or 'all'") from None
+        raise InvalidInput(f"--topk {text!r}: give a whole number, N% or 'all'") from None

@@ -57,7 +57,11 @@ def _check_options(config: RankConfig) -> None:
     from cwa.perturbation.groups import check_head_grouping
     from cwa.ranking import RANK_KEYS, RANK_MODES
 
-    if config.topk != "all":
+    if isinstance(config.topk, str) and config.topk.strip().endswith("%"):
+        from cwa.ranking_store import check_fraction_rank
+
+        check_fraction_rank(config)  # pruning-scale k: validated before anything is loaded
+    elif config.topk != "all":
         if isinstance(config.topk, str) and config.topk.strip().isdigit():
             config.topk = int(config.topk)
         if not isinstance(config.topk, int):
@@ -139,7 +143,13 @@ def run_rank(
             "no scored weight lies in the requested layers/components; widen them or score them"
         )
     topk = config.topk
-    if topk == "all":
+    fraction = isinstance(topk, str) and topk.endswith("%")
+    if fraction:
+        from cwa.ranking_store import ROWS_IN_TABLE, parse_k
+
+        selected_k = parse_k(topk, largest)
+        topk = min(selected_k, ROWS_IN_TABLE)  # the first rows go to ranked_weights
+    elif topk == "all":
         topk = largest
         reporter.warn(
             f"--topk all ranks every weight in scope: up to {largest} per group, "
@@ -190,6 +200,12 @@ def run_rank(
         }
         if frame.height:
             metrics.update({"score_max": float(scores.max()), "score_min": float(scores.min())})
+        if fraction:
+            from cwa.ranking_store import store_selection
+
+            metrics.update(
+                store_selection(ctx, score_path, selected_k, by=by, bottom=config.bottom)
+            )
         return StageOutput(tables={"ranked_weights": frame}, metrics=metrics, value=frame)
 
     return execute_stage(store, request, compute, reporter=reporter, mlflow=mlflow)
