@@ -102,25 +102,31 @@ class SweepResult:
     groups: list[dict[str, Any]] = field(default_factory=list)  # condition_id, group_key, k
 
 
+_SHARED = (
+    "scope",
+    "groups",
+    "ranking",
+    "scores",
+    "model",
+    "arch",
+    "store",
+    "rank_run",
+    "score_run",
+)
+
+
 def _request(inputs: SweepInputs, cond: Condition, treatment: Any, counts: Any) -> Any:
     parsed = inputs.selections[cond.selection]
+    shared = {name: getattr(inputs, name) for name in _SHARED}
     return SelectionRequest(
         name=parsed.name,
         param=parsed.param,
         k=cond.k,
         seed=cond.seed,
         key=inputs.key,  # type: ignore[arg-type]
-        scope=inputs.scope,
-        groups=inputs.groups,
         counts=counts,
         treatment=treatment,
-        ranking=inputs.ranking,
-        scores=inputs.scores,
-        model=inputs.model,
-        arch=inputs.arch,
-        store=inputs.store,
-        rank_run=inputs.rank_run,
-        score_run=inputs.score_run,
+        **shared,
     )
 
 
