@@ -61,11 +61,15 @@ def rank_cmd(
 ) -> None:
     """Rank the weights of a score run; prints the rank run id and the top rows.
 
-    Head mode groups attention weights by key-value head (--head-grouping kv, the default): the
-    group "layer=L,kv_head=J" holds kv head J's k/v rows and the query heads that read it (their
-    q rows and o columns), so under grouped-query attention (Llama-3, Mistral, Qwen2) a group is
-    a unit that can be removed from the forward pass alone. --head-grouping component gives one
-    group per (component, head) instead ("layer=L,attn_q,head=H").
+    Head mode groups attention weights by key-value head (--head-grouping kv,
+    the default): group "layer=L,kv_head=J" holds kv head J's k/v rows and the
+    query heads that read it (their q rows and o columns), so under grouped-query
+    attention (Llama-3, Mistral, Qwen2) each group can be removed from the forward
+    pass on its own. --head-grouping component gives one group per (component,
+    head) instead ("layer=L,attn_q,head=H").
+
+    Ranking key: |score| for metrics with negative scores (hutchinson_diag, obd),
+    the score otherwise; --by abs|value overrides. Controls use the same key.
 
     Examples:
       cwa rank latest --topk 1000
