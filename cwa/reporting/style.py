@@ -151,7 +151,7 @@ def freeze_layout(fig: Figure) -> None:
     Constrained layout otherwise re-measures every text on every save, which dominated the
     report's run time; the positions it found are kept as they are.
     """
-    fig.canvas.draw()
+    fig.draw_without_rendering()  # runs the layout engine without rasterising anything
     fig.set_layout_engine("none")
 
 

@@ -197,6 +197,11 @@ def provenance(runs: RunSet) -> list[dict[str, Any]]:
     for run in runs.runs:
         config = run.config or {}
         data = config.get("data") if isinstance(config.get("data"), dict) else {}
+        calibration = config.get("calibration")
+        if isinstance(calibration, dict):  # the resolved source (path and sha256) when recorded
+            source = calibration.get("path") or calibration.get("source") or ""
+            digest = str(calibration.get("sha256") or "")[:12]
+            data = {"source": f"{source} (sha256 {digest})" if digest else source}
         versions = run.versions or {}
         rows.append(
             {
