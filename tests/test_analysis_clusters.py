@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 import torch
 
-from cwa.analysis.clustering import ClusterOptions, cluster_weights, sample_weights
+from cwa.analysis.cluster_sample import sample_weights
+from cwa.analysis.clustering import ClusterOptions, cluster_weights
 from cwa.errors import InvalidInput
 from cwa.scorefile import write_score_file
 
