@@ -169,3 +169,30 @@ def test_flipped_items_against_brute_force() -> None:
         assert got["n_items"] == n and got["n_flipped"] == len(expected)
         assert (got["correct_to_wrong"], got["wrong_to_correct"]) == (c2w, w2c)
         assert sorted(flips.filter(condition_id=cid)["item_index"].to_list()) == expected
+
+
+def test_stored_roles_decide_treatment_controls_and_bounds() -> None:
+    """With the conditions' role column (migration 0006) a bound of the treatment's size is
+    still not a control, and a plugin control unknown to this process counts as a control."""
+    conditions = pl.DataFrame(
+        {"run_id": ["P"] * 4, "condition_id": ["t", "b", "c0", "c1"],
+         "selection": ["cluster:3", "all_k", "my_plugin", "my_plugin"],
+         "method": ["zero"] * 4, "scale": [None] * 4, "bit": [None] * 4, "k": [7] * 4,
+         "seed": [None, None, 0, 1], "n_changed": [7] * 4,
+         "role": ["treatment", "bound", "control", "control"]},
+        schema_overrides={"scale": pl.Float64, "bit": pl.Int64, "seed": pl.Int64},
+    )  # fmt: skip
+    evaluations = pl.DataFrame(
+        {"run_id": ["P"] * 5, "condition_id": [None, "t", "b", "c0", "c1"],
+         "task": ["perplexity"] * 5, "metric": ["perplexity"] * 5,
+         "value": [2.0, 9.0, 50.0, 2.5, 3.5], "task_config_hash": ["h"] * 5},
+        schema_overrides={"condition_id": pl.String},
+    )  # fmt: skip
+    values = condition_values(conditions, evaluations)
+    effects = effect_sizes(values)
+    assert effects.select("treatment", "control").rows() == [("cluster:3", "my_plugin")]
+    row = effects.row(0, named=True)
+    assert row["difference"] == pytest.approx(9.0 - 3.0)
+    assert row["damage_per_weight"] == pytest.approx((9.0 - 2.0) / 7)
+    low, high = stats.ttest_1samp([2.5, 3.5], popmean=0).confidence_interval(0.95)
+    assert (row["ci_low"], row["ci_high"]) == pytest.approx((9.0 - high, 9.0 - low))
