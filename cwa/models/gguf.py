@@ -84,12 +84,12 @@ def load_gguf(
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     from cwa.models.architecture import build_architecture_map
+    from cwa.models.fingerprint_cache import cached_model_fingerprint
     from cwa.models.loading import (
         LoadedModel,
         _check_causal_lm,
         _one_line,
         _quiet_transformers_progress,
-        model_fingerprint,
         resolve_dtype,
     )
 
@@ -133,7 +133,8 @@ def load_gguf(
         tokenizer=tokenizer,
         ref=ref,
         path=str(gguf.path),
-        fingerprint=model_fingerprint(model, reporter=reporter),
+        # Hashed once per state of the .gguf file (path, size, mtime), then cached.
+        fingerprint=cached_model_fingerprint(model, [gguf.path], reporter=reporter),
         device=str(first.device),
         dtype=str(first.dtype).removeprefix("torch."),
         arch=build_architecture_map(model),

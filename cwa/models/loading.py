@@ -250,7 +250,10 @@ def load_model(
     if folder is None:
         folder = _cached_folder(source, offline)
     arch = build_architecture_map(model)
-    fingerprint = model_fingerprint(model, reporter=reporter)
+    from cwa.models.fingerprint_cache import cached_model_fingerprint, weight_files
+
+    # Hashed once per state of the weight files (path, size, mtime, header), then cached.
+    fingerprint = cached_model_fingerprint(model, weight_files(folder), reporter=reporter)
     first = next(model.parameters())
     attn = getattr(model.config, "_attn_implementation", None) or attn_implementation or "default"
     return LoadedModel(
