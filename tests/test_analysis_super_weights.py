@@ -65,7 +65,7 @@ def _score(cli, planted, metric: str = "super_weight", *options: str) -> str:
     return out["runs"][0]["run_id"]
 
 
-def _perplexity(folder: Path, data: Path, zero: tuple[str, int] | None) -> float:
+def _perplexity(folder: Path, plans, zero: tuple[str, int] | None) -> float:
     """Perplexity of a freshly loaded model, optionally with one weight set to 0 by hand."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -76,9 +76,7 @@ def _perplexity(folder: Path, data: Path, zero: tuple[str, int] | None) -> float
     if zero is not None:
         with torch.no_grad():
             dict(model.named_parameters())[zero[0]].view(-1)[zero[1]] = 0.0
-    rows = evaluate_model(
-        model, AutoTokenizer.from_pretrained(folder), f"perplexity:{data}", limit=12, seed=0
-    )
+    rows = evaluate_model(model, AutoTokenizer.from_pretrained(folder), plans)
     return next(r["value"] for r in rows if r["metric"] == "perplexity")
 
 
@@ -112,8 +110,24 @@ def test_planted_super_weight_is_found_and_verified(cli, planted, store_path, on
     assert flat == row * 128 + column
     assert real is True and natural_row[-1] is False
     assert view == [(0, True), (1, False)]
-    # Independent ablations by hand on fresh copies of the model give the stored numbers.
-    folder, data = planted["model"], planted["data"]
+    # Independent ablations by hand on fresh copies of the model give the stored numbers, on
+    # the held-out tail of the calibration text (never the part calibration used).
+    from cwa.evaluation.tasks import plan_tasks
+    from cwa.stages.common import calibration_records
+
+    folder = planted["model"]
+    data = plan_tasks(
+        f"perplexity:{planted['data']}", limit=12, seed=0,
+        calibration=calibration_records(Store(store_path), [score_id]),
+    )  # fmt: skip
+    assert "held-out part only" in data[0].options["note"]
+    with Store(store_path).read() as con:
+        (config,) = con.execute(
+            "SELECT config FROM runs WHERE run_id = ?", [analysis_id]
+        ).fetchone()
+    recorded = json.loads(config)["effective"]["perplexity"]
+    assert recorded["task_config_hash"] == data[0].config_hash
+    assert "held-out part only" in recorded["scored"]
     assert baseline == pytest.approx(_perplexity(folder, data, None), rel=1e-6)
     assert zeroed == pytest.approx(_perplexity(folder, data, (name, flat)), rel=1e-6)
     assert ratio == pytest.approx(zeroed / baseline, rel=1e-12) and ratio > 100

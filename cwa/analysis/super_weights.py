@@ -60,9 +60,11 @@ def _task_spec(run: Any, options: dict[str, Any]) -> str:
     return f"perplexity:{source}"
 
 
-def _plans(run: Any, options: dict[str, Any]) -> Any:
+def _plans(inputs: Any, run: Any, options: dict[str, Any]) -> Any:
+    """The perplexity plan; when the text is the run's calibration text, only its held-out
+    tail is scored (the run's calibration record tells which part calibration used)."""
     from cwa.evaluation.tasks import plan_tasks
-    from cwa.stages.common import is_toy_ref
+    from cwa.stages.common import calibration_records, is_toy_ref
 
     return plan_tasks(
         _task_spec(run, options),
@@ -70,6 +72,7 @@ def _plans(run: Any, options: dict[str, Any]) -> Any:
         seed=0,
         seq_len=options["seq_len"],
         is_toy_model=is_toy_ref(run.model_ref),
+        calibration=calibration_records(inputs.store, [run.run_id]),
     )
 
 
@@ -95,7 +98,7 @@ def _validate(inputs: Any, options: dict[str, Any]) -> None:
             "without -o verify=true"
         )
     if options["verify"]:
-        _plans(run, options)  # a missing data file fails here, before the run is registered
+        _plans(inputs, run, options)  # a missing data file fails here, before registering
         from cwa.models.loading import resolve_device
 
         resolve_device(options["device"])
@@ -107,13 +110,13 @@ def _flat_index(arch: Any, row: dict[str, Any]) -> int:
 
 
 def _verify(inputs: Any, run: Any, rows: list[dict[str, Any]], options: dict[str, Any],
-            reporter: Any) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:  # fmt: skip
+            reporter: Any) -> tuple[list[dict[str, Any]], list[dict[str, Any]], dict]:  # fmt: skip
     from cwa.analysis.superweight_verify import rule_text, verify_candidates
     from cwa.evaluation.runner import evaluate_model
     from cwa.stages.rank import load_source_model
 
     loaded = load_source_model(inputs.store, run, device=options["device"], reporter=reporter)
-    plans = _plans(run, options)
+    plans = _plans(inputs, run, options)
 
     def perplexity() -> float:
         results = evaluate_model(
@@ -131,7 +134,11 @@ def _verify(inputs: Any, run: Any, rows: list[dict[str, Any]], options: dict[str
         reporter=reporter,
     )
     rule = rule_text(options["min_ratio"], options["min_z"])
-    return [{**v, "verified": True, "task": "perplexity", "rule": rule} for v in verdicts], controls
+    verdicts = [{**v, "verified": True, "task": "perplexity", "rule": rule} for v in verdicts]
+    (plan,) = plans
+    used = {"task_config": plan.config, "task_config_hash": plan.config_hash,
+            "scored": plan.options.get("note") or "the whole text"}  # fmt: skip
+    return verdicts, controls, used
 
 
 def _run(inputs: Any, options: dict[str, Any], reporter: Any) -> AnalysisResult:
@@ -152,8 +159,9 @@ def _run(inputs: Any, options: dict[str, Any], reporter: Any) -> AnalysisResult:
         for r in candidates.iter_rows(named=True)
     ]
     controls: list[dict[str, Any]] = []
+    effective: dict[str, Any] = {}
     if options["verify"]:
-        rows, controls = _verify(inputs, run, rows, options, reporter)
+        rows, controls, effective["perplexity"] = _verify(inputs, run, rows, options, reporter)
     else:
         rows = [{**r, "verified": False} for r in rows]
     # No candidates (no projection reached the spike threshold): the profile alone.
@@ -187,7 +195,7 @@ def _run(inputs: Any, options: dict[str, Any], reporter: Any) -> AnalysisResult:
         tables["analysis_super_weights"] = table
     if controls:
         tables["analysis_super_weight_controls"] = pl.DataFrame(controls)
-    return AnalysisResult(tables=tables, metrics=metrics, display=display)
+    return AnalysisResult(tables=tables, metrics=metrics, display=display, effective=effective)
 
 
 ANALYZER = AnalyzerSpec(
