@@ -7,7 +7,8 @@ CPU, NCCL when CUDA is available) and every rank runs the same stage code:
 * scoring shards the calibration batches round-robin (:func:`shard_batches`); metrics weight
   each batch by the *global* target count (carried by the shard, see
   :func:`cwa.metrics.base.count_targets`) and all-reduce their accumulators in float32
-  (:func:`sum_`, :func:`max_`) before any non-linear step (abs, sqrt, division), so the scores
+  (:func:`sum_`; spike maxima with :func:`max_`) before any non-linear step (abs, sqrt,
+  division, argmax), so the scores
   equal the single-process ones up to summation order;
 * evaluation plans its batches exactly as one process would and each rank computes every
   ``world_size``-th batch (:func:`owns`); the per-request results are summed across ranks
@@ -40,7 +41,16 @@ if TYPE_CHECKING:
 
 # Metrics whose accumulators are all-reduced (the others refuse to run on several ranks).
 DISTRIBUTED_METRICS = frozenset(
-    {"grad_x_weight", "grad_squared", "hutchinson_diag", "obd", "wanda", "magnitude", "random"}
+    {
+        "grad_x_weight",
+        "grad_squared",
+        "hutchinson_diag",
+        "obd",
+        "wanda",
+        "super_weight",
+        "magnitude",
+        "random",
+    }
 )
 
 

@@ -3,7 +3,8 @@
 One torchrun launch (``--standalone --nproc-per-node 2``, one thread per process) runs a small
 driver that invokes the real CLI several times in the same process group: ``score`` with four
 metrics whose accumulators are all-reduced in different ways (gradient sum, per-example Fisher
-sum, Hutchinson z*Hz with shared probes, Wanda squared activation norms) and ``evaluate`` on
+sum, Hutchinson z*Hz with shared probes, Wanda squared activation norms, super-weight spike
+maxima by MAX) and ``evaluate`` on
 perplexity, HellaSwag and LAMBADA. The same commands run in one process (in-process CLI) into
 another store; score files must agree within float32 tolerance (summation order differs),
 evaluation rows and per-item records must be equal, only rank 0 may have written (one run per
@@ -27,6 +28,7 @@ METRICS = [
     ["--metric", "grad_squared"],
     ["--metric", "hutchinson_diag", "--probes", "2", "--layers", "1"],
     ["--metric", "wanda"],
+    ["--metric", "super_weight", "--metric-option", "spike_threshold=2"],
 ]
 EVAL_ARGS = [
     "evaluate", "--model", "toy", "--tasks", "perplexity,hellaswag,lambada",
@@ -105,12 +107,15 @@ def test_torchrun_two_ranks_equal_one_process(tmp_path: Path, cli, one_thread) -
 
     # Rank 0 alone wrote: one run per command, each recording the world size.
     runs = _table(multi, "SELECT stage, json_extract(config, '$.world_size') FROM runs")
-    assert sorted(r[0] for r in runs) == ["evaluate", "score", "score", "score", "score"]
+    assert sorted(r[0] for r in runs) == ["evaluate", *["score"] * len(METRICS)]
     assert all(int(r[1]) == 2 for r in runs)
     assert all(
         r[0] is None
         for r in _table(single, "SELECT json_extract(config, '$.world_size') FROM runs")
     )
+    supers = "SELECT layer, row_index, column_index, input_activation FROM super_weights"
+    supers += " ORDER BY ALL"
+    assert _table(single, supers) and _table(multi, supers) == _table(single, supers)
     # stdout carries each answer once (rank 1's stdout is silenced): every run id once.
     run_ids = {r[0] for r in _table(multi, "SELECT run_id FROM runs")}
     printed = [word for word in proc.stdout.split() if word in run_ids]
@@ -119,7 +124,7 @@ def test_torchrun_two_ranks_equal_one_process(tmp_path: Path, cli, one_thread) -
     import torch
 
     ref, got = _scores(single), _scores(multi)
-    assert set(ref) == set(got) == {"grad_x_weight", "grad_squared", "hutchinson_diag", "wanda"}
+    assert set(ref) == set(got) == {m[1] for m in METRICS}
     for metric, tensors in ref.items():
         assert set(tensors) == set(got[metric])
         for name, expected in tensors.items():

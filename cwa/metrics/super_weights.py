@@ -101,6 +101,11 @@ def _activation_maxima(
             )
             stack.callback(owner.module.register_forward_hook(post_hook, with_kwargs=True).remove)
         _forward_calibration(ctx, token_mask, label)
+    from cwa import distributed
+
+    for name in downs:  # torchrun: spike maxima over every rank's tokens (identity otherwise)
+        distributed.max_(input_max[name])
+        distributed.max_(output_max[name])
     if loss is not None:  # later rounds run a modified model: keep the first round's loss
         ctx.loss, ctx.n_tokens, ctx.n_sequences = loss, tokens, sequences
     return input_max, output_max
