@@ -208,6 +208,7 @@ def tiny_chain(cli, tiny_world, store_path) -> dict:
     return {"score": score_id, "rank": rank_id}
 
 
+@pytest.mark.slow
 def test_bad_cluster_inputs_register_nothing(cli, tiny_chain, tiny_world, store_path) -> None:
     store = Store(store_path)
     score_id, rank_id = tiny_chain["score"], tiny_chain["rank"]

@@ -135,6 +135,7 @@ def _independent_features(model, arch, sample, paths) -> np.ndarray:
     return np.column_stack([*logs, np.array(rows), onehot])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "algorithm,extra",
     [("kmeans", {}), ("minibatch_kmeans", {}), ("dbscan", {"eps": 1.2, "min_samples": 4})],

@@ -142,6 +142,7 @@ def test_planted_super_weight_is_found_and_verified(cli, planted, store_path, on
     assert natural_row[8] == pytest.approx(1.0, abs=0.01)
 
 
+@pytest.mark.slow
 def test_profile_without_verify_and_bad_inputs(cli, planted, store_path, one_thread) -> None:
     score_id = _score(cli, planted)
     out = _ok(cli("--json", "analyze", "super_weights", score_id))
