@@ -145,7 +145,7 @@ def test_planted_super_weight_is_found_and_verified(cli, planted, store_path, on
 @pytest.mark.slow
 def test_profile_without_verify_and_bad_inputs(cli, planted, store_path, one_thread) -> None:
     score_id = _score(cli, planted)
-    out = _ok(cli("--json", "analyze", "super_weights", score_id))
+    out = _ok(cli("--json", "analyze", "super-weights", score_id))  # the spelling
     analysis_id = out["runs"][0]["run_id"]
     with Store(store_path).read() as con:
         cands = con.execute(

@@ -64,8 +64,11 @@ BUILTIN_ANALYZERS: tuple[tuple[str, str, str], ...] = (
 )
 
 
+# Other spellings accepted on the command line (the issue calls it "super-weights").
+_ALIASES: dict[str, tuple[str, ...]] = {"super_weights": ("super-weights",)}
+
 for _name, _target, _description in BUILTIN_ANALYZERS:
-    ANALYZERS.add(_name, _target, description=_description)
+    ANALYZERS.add(_name, _target, description=_description, aliases=_ALIASES.get(_name, ()))
 
 
 def get_analyzer(name: str) -> AnalyzerSpec:
