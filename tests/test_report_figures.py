@@ -166,7 +166,7 @@ def test_damage_vs_k_draws_treatment_line_and_control_band_on_log_axes() -> None
         assert np.isclose(ys.min(), lo) and np.isclose(ys.max(), hi)
     assert not [c for c in ax.collections if c.get_gid() == "band:sign_flip:top_k"]
     assert ax.get_yscale() == "log" and ax.get_xscale() == "log"
-    assert "log" in ax.get_ylabel() and "ratio" in ax.get_ylabel()
+    assert "(log)" in ax.get_ylabel() and "ratio" in ax.get_ylabel()
     colours = {lines["line:sign_flip:top_k"].get_color().upper()}
     assert colours <= {c.upper() for c in OKABE_ITO}
 

@@ -64,7 +64,7 @@ def stability_curves(table: pl.DataFrame) -> Figure:
         ax,
         title="Ranking stability across seeds",
         xlabel=xlabel,
-        ylabel="agreement of the top-k (0 = none, 1 = identical)",
+        ylabel="top-k agreement (1 = identical)",
     )
 
 

@@ -69,7 +69,7 @@ def _damage_curve(
     ax.axhline(1.0, color="#000000", linewidth=0.6, linestyle=":", label="unperturbed")
     if spans_decades(table["hi"].to_list() + table["mean"].to_list()):
         ax.set_yscale("log")
-        ylabel += " (log scale)"
+        ylabel += " (log)"
     if x_column == "k" and spans_decades(table["k"].to_list(), 1.5):
         ax.set_xscale("log")
         xlabel += " (log scale)"
@@ -85,7 +85,7 @@ def damage_vs_k(table: pl.DataFrame, *, metric: str = "perplexity") -> Figure:
         "k",
         title=f"Damage vs number of perturbed weights ({metric})",
         xlabel="k (weights perturbed)",
-        ylabel=f"{metric} / unperturbed {metric} (ratio)",
+        ylabel=f"{metric} ratio to unperturbed",
     )
 
 
@@ -96,8 +96,8 @@ def damage_vs_scale(table: pl.DataFrame, *, metric: str = "perplexity") -> Figur
         table,
         "scale",
         title=f"Damage vs perturbation scale ({metric})",
-        xlabel="scale (multiplier or noise std in units of the tensor std)",
-        ylabel=f"{metric} / unperturbed {metric} (ratio)",
+        xlabel="scale (multiplier, or noise in tensor std)",
+        ylabel=f"{metric} ratio to unperturbed",
     )
 
 
@@ -123,13 +123,13 @@ def task_deltas(table: pl.DataFrame) -> Figure:
                color=selection_colour(selection, i), label=selection, gid=f"bars:{selection}")
     ax.axhline(0.0, color="#000000", linewidth=0.6)
     ax.set_xticks(x, whats, rotation=20)
-    legend(ax)
+    legend(ax, outside=True)
     return finish(
         fig,
         ax,
         title="Downstream task change per selection",
         xlabel="task and metric",
-        ylabel="change vs unperturbed (percentage points)",
+        ylabel="change (percentage points)",
     )
 
 
@@ -158,7 +158,7 @@ def superweight_profile(table: pl.DataFrame) -> Figure:
         ax,
         title="Super-weight activation profile",
         xlabel="layer (block index)",
-        ylabel="max |activation| (model units" + (", log scale)" if log else ")"),
+        ylabel="max |activation|" + (" (log scale)" if log else ""),
     )
 
 
@@ -182,11 +182,11 @@ def flipped_items(table: pl.DataFrame) -> Figure:
         ax.bar(pos - 0.4 + width * (i + 0.5), mean, width, yerr=err, capsize=2,
                color=selection_colour(selection, i), label=selection, gid=f"bars:{selection}")
     ax.set_xticks(np.arange(len(tasks)), tasks)
-    legend(ax)
+    legend(ax, outside=True)
     return finish(
         fig,
         ax,
         title="Items flipped by the treatment vs the controls",
         xlabel="task",
-        ylabel="items whose answer changed (count)",
+        ylabel="items with a changed answer",
     )

@@ -109,7 +109,7 @@ def sensitivity_heatmap(table: pl.DataFrame) -> Figure:
     image = ax.imshow(matrix * 100.0, aspect="auto", cmap=SEQUENTIAL_CMAP, origin="upper")
     ax.set_xticks(range(len(components)), [component_label(c) for c in components], rotation=45)
     ax.set_yticks(range(len(layers)), [layer_label(v) for v in layers])
-    fig.colorbar(image, ax=ax, label="share of total score mass (%)")
+    fig.colorbar(image, ax=ax, label="score mass (%)")
     return finish(
         fig,
         ax,
@@ -165,7 +165,7 @@ def depth_profile(table: pl.DataFrame, *, metric: str = "score") -> Figure:
         ax,
         title="Depth profile of sensitivity",
         xlabel="layer (block index)",
-        ylabel=f"mean {metric} per weight" + (" (log scale)" if use_log else ""),
+        ylabel=f"mean {metric}" + (" (log scale)" if use_log else ""),
     )
 
 
