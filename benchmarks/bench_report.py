@@ -15,7 +15,7 @@ is the fairer measure on a shared machine. The toy study's score stage is run on
 before the report so the two are measured side by side. The report is timed cold (its first
 matplotlib import is inside it), in PNG + PDF + SVG, MLflow off.
 
-    python benchmarks/bench_report.py [--skip-124m] [--seeds 0,1,2] [--n-samples 32]
+    python benchmarks/bench_report.py [--skip-124m] [--seeds 0,1,2] [--n-samples 32] [--limit 100]
 """
 
 from __future__ import annotations
@@ -35,7 +35,7 @@ def _timed(fn, *args, **kwargs):
     return value, time.perf_counter() - start, time.process_time() - cpu
 
 
-def toy_study(root: Path, seeds: list[int], n_samples: int) -> dict[str, float]:
+def toy_study(root: Path, seeds: list[int], n_samples: int, limit: int) -> dict[str, float]:
     from cwa.stages.common import ModelOptions
     from cwa.stages.pipeline import PipelineConfig, run_pipeline
     from cwa.stages.pipeline_analysis import AnalysisSwitches
@@ -50,7 +50,7 @@ def toy_study(root: Path, seeds: list[int], n_samples: int) -> dict[str, float]:
         topk=263,
         seeds=seeds,
         tasks="perplexity",
-        limit=100,
+        limit=limit,
         experiment="toy-study",
         analyses=AnalysisSwitches(
             weight_analysis=True,
@@ -154,6 +154,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seeds", default="0,1,2")
     parser.add_argument("--n-samples", type=int, default=32)
+    parser.add_argument("--limit", type=int, default=100, help="items per task in the study")
+    parser.add_argument("--large-n-samples", type=int, default=8,
+                        help="calibration sequences (x128 tokens) of the 124M score run")
     parser.add_argument("--skip-124m", action="store_true")
     args = parser.parse_args()
     import torch
@@ -164,13 +167,13 @@ def main() -> None:
     seeds = [int(s) for s in args.seeds.split(",")]
     with tempfile.TemporaryDirectory(prefix="bench_report_") as tmp:
         root = Path(tmp)
-        toy = toy_study(root, seeds, args.n_samples)
+        toy = toy_study(root, seeds, args.n_samples, args.limit)
         print(f"toy study ({toy['runs']} runs, whole chain {toy['chain_s']:.1f} s):")
         _ratio(f"score stage, {toy['score_runs']} seeds", toy["score_s"], toy["score_cpu"],
                f"report, {toy['figures']} figures x png+pdf+svg", toy["report_s"],
                toy["report_cpu"])
         if not args.skip_124m:
-            big = large_score_run(root, args.n_samples)
+            big = large_score_run(root, args.large_n_samples)
             print(f"{big['weights']:,}-weight score run (rank top 1,000 took "
                   f"{big['rank_s']:.1f} s):")
             _ratio("score stage", big["score_s"], big["score_cpu"],
