@@ -257,14 +257,16 @@ def test_clusters_without_weights_needs_use_weights_false(cli, store, tmp_path) 
     from _analysis_world import add_score_run, param_shapes, random_scores
 
     folder = save_config_model(gpt2_config(), tmp_path / "config_only")  # no weight files
-    score_id = add_score_run(store, folder, random_scores(param_shapes(gpt2_config()), 0))
+    shapes = param_shapes(gpt2_config())
+    score_id = add_score_run(store, folder, random_scores(shapes, 0))
+    second = add_score_run(store, folder, random_scores(shapes, 1, kind="uniform"), seed=1)
     before = run_count(store)
     result = cli("analyze", "clusters", score_id, "-o", "sample_size=300", "-o", "top_n=10")
     assert result.exit_code == 1 and "not available locally" in result.stderr
     assert run_count(store) == before
     out = _ok(
-        cli("--json", "analyze", "clusters", score_id, "-o", "sample_size=300", "-o", "top_n=10",
-            "-o", "use_weights=false", "-o", "n_clusters=3")
+        cli("--json", "analyze", "clusters", score_id, second, "-o", "sample_size=300",
+            "-o", "top_n=10", "-o", "use_weights=false", "-o", "n_clusters=3")
     )  # fmt: skip
     run_id = out["runs"][0]["run_id"]
     with store.read() as con:
@@ -277,4 +279,5 @@ def test_clusters_without_weights_needs_use_weights_false(cli, store, tmp_path) 
             [run_id],
         ).fetchone()
     assert ("abs_weight",) not in features and ("depth",) in features
+    assert {("log_score_0",), ("log_score_1",)} <= set(features)  # one per score run
     assert 0 < n <= 310 and nulls == n
