@@ -1,11 +1,11 @@
 """``profile``: how the sensitivity of one score run is distributed over the architecture.
 
 One streaming pass over the score file (tensor by tensor). Every group of weights gets a
-mergeable log histogram of |score| (:mod:`cwa.analysis.histogram`: exact masses; quantiles,
-Gini and top-1% share within one bin width, 0.78%), so memory is O(largest tensor) plus a few
+mergeable log histogram of |score| (:mod:`cwa.analysis.histogram`: exact counts and group
+masses; quantiles, Gini and top-1% share within one bin width, 0.78%), so memory is O(largest tensor) plus a few
 KiB per group, never all scores. Levels (``analysis_profile.level``):
 
-Tensors with at most ``exact_limit`` weights (default 2**20) get exact quantiles, Gini and
+Tensors with at most ``exact_limit`` weights (default 2**16) get exact quantiles, Gini and
 top-1% share at level ``tensor`` (a sorted copy of the tensor; ``method = 'exact'``); larger
 tensors and every aggregate level use the histograms (``method = 'histogram'``).
 
@@ -74,64 +74,24 @@ def _layer_key(layer: int | None) -> str:
     return f"layer={'none' if layer is None else layer}"
 
 
-CHUNK = 1 << 20  # elements per block: the passes over one block stay in the CPU cache
+def _sub_hist(bins: Any, rows: slice) -> Any:
+    """LogHistogram of some rows of a tensor's fine-group bins (trimmed to occupied keys)."""
+    from cwa.analysis.histogram import LogHistogram
 
-
-def _tensor_hists(arch: Any, name: str, values: np.ndarray) -> tuple[Any, list, dict]:
-    """Histograms of one tensor: whole, per component, per (component, head) group id."""
-    from cwa.analysis.histogram import LogHistogram, tensor_bins
-    from cwa.models.architecture import COMPONENTS
-
-    info = arch.params[name]
-    comps = info.components
-    comp_ids = None
-    if len(comps) > 1:
-        lookup = np.full(len(COMPONENTS), -1, dtype=np.int64)
-        lookup[[COMPONENTS.index(c) for c in comps]] = np.arange(len(comps))
-        comp_ids = lookup[arch.component_ids(name).numpy().reshape(-1)]
-    heads = None
-    n_heads = max((seg.n_heads or 0) for seg in info.segments)
-    if info.layer is not None and n_heads:
-        heads = arch.head_ids(name).numpy().reshape(-1)
-    whole = LogHistogram()
-    per_comp = [LogHistogram() for _ in comps]
-    per_head: dict[int, Any] = {}
-
-    def add(target: Any, bins: tuple, row: int) -> None:
-        lo, counts, mass, vmin, vmax = bins
-        if counts[row].any():
-            target.add_bins(lo, counts[row], mass[row], float(vmin[row]), float(vmax[row]))
-
-    for start in range(0, values.size, CHUNK):
-        stop = min(start + CHUNK, values.size)
-        mags = np.abs(values[start:stop])
-        keep = None
-        if not np.isfinite(mags.max()):  # NaN marks out-of-scope elements
-            keep = np.isfinite(mags)
-            mags = mags[keep]
-            if mags.size == 0:
-                continue
-        bins = tensor_bins(mags)
-        add(whole, bins, 0)
-        cids = None
-        if comp_ids is not None:
-            cids = comp_ids[start:stop] if keep is None else comp_ids[start:stop][keep]
-            bins = tensor_bins(mags, cids, len(comps))
-        for i in range(len(comps)):
-            add(per_comp[i], bins, i)
-        if heads is None:
-            continue
-        hid = heads[start:stop] if keep is None else heads[start:stop][keep]
-        inside = hid >= 0
-        if not inside.any():
-            continue
-        gid = hid[inside].astype(np.int64)
-        if cids is not None:
-            gid += cids[inside] * n_heads
-        bins = tensor_bins(mags[inside], gid, len(comps) * n_heads)
-        for g in np.flatnonzero(bins[1].sum(axis=1)).tolist():
-            add(per_head.setdefault(g, LogHistogram()), bins, g)
-    return whole, per_comp, per_head
+    counts = bins.counts[rows].sum(axis=0)
+    hist = LogHistogram()
+    occupied = np.flatnonzero(counts)
+    if occupied.size:
+        first, last = int(occupied[0]), int(occupied[-1]) + 1
+        hist.add_bins(
+            bins.lo + first,
+            counts[first:last],
+            bins.mass[rows].sum(axis=0)[first:last],
+            float(bins.vmin[rows].min()),
+            float(bins.vmax[rows].max()),
+            float(bins.exact[rows].sum()),
+        )
+    return hist
 
 
 def exact_stats(values: np.ndarray) -> dict[str, float | None]:
@@ -152,27 +112,37 @@ def exact_stats(values: np.ndarray) -> dict[str, float | None]:
     return out
 
 
-def _profile_tensor(
-    groups: _Groups, arch: Any, name: str, values: np.ndarray, exact_limit: int
-) -> None:
+def _profile_tensor(groups: _Groups, arch: Any, name: str, tensor: Any, exact_limit: int) -> None:
+    from cwa.analysis.profile_bins import tensor_fine_bins
+
     info = arch.params[name]
-    whole, per_comp, per_head = _tensor_hists(arch, name, values)
+    bins = tensor_fine_bins(arch, name, tensor)
+    if bins is None:
+        return
+    whole = _sub_hist(bins, slice(None))
     if whole.n == 0:
         return
     layer = info.layer
     comps = info.components
     groups.merge("model", "all", whole)
     groups.merge("tensor", name, whole, parameter=name, layer=layer, component=",".join(comps))
-    if values.size <= exact_limit:
+    if tensor.numel() <= exact_limit:
+        values = tensor.float().numpy().reshape(-1)
         groups.items[("tensor", name)].exact = exact_stats(values)
     if layer is not None:
         groups.merge("layer", _layer_key(layer), whole, layer=layer)
-    for comp, hist in zip(comps, per_comp, strict=True):
+    for i, comp in enumerate(comps):
+        hist = whole if len(comps) == 1 else _sub_hist(bins, bins.rows(i))
         groups.merge("component", comp, hist, component=comp)
         if layer is not None:
             key = f"{_layer_key(layer)},{comp}"
             groups.merge("layer_component", key, hist, layer=layer, component=comp)
-    n_heads = max((seg.n_heads or 0) for seg in info.segments)
+    per_head = {}
+    for i in range(len(comps)):
+        for head in range(bins.n_heads):
+            if bins.counts[bins.rows(i, head)].any():
+                per_head[i * bins.n_heads + head] = _sub_hist(bins, bins.rows(i, head))
+    n_heads = bins.n_heads
     for g, hist in per_head.items():
         comp, head = comps[g // n_heads], g % n_heads
         kv_group = head if comp in ("attn_k", "attn_v") else head // arch.group_size
@@ -183,13 +153,16 @@ def _profile_tensor(
 
 
 def _rows(groups: _Groups, score_run_id: str) -> list[dict[str, Any]]:
+    from cwa.analysis.histogram import batch_stats
+
     model = groups.items[("model", "all")].hist
-    total = model.total
+    total = model.exact_total
     rows = []
-    for (level, key), group in groups.items.items():
+    stats = batch_stats([group.hist for group in groups.items.values()])
+    for ((level, key), group), stat in zip(groups.items.items(), stats, strict=True):
         hist = group.hist
         n = hist.n
-        mass = hist.total
+        mass = hist.exact_total
         row = {
             "score_run_id": score_run_id,
             "level": level,
@@ -204,12 +177,12 @@ def _rows(groups: _Groups, score_run_id: str) -> list[dict[str, Any]]:
             "share": mass / total if total > 0 else None,
             "mean": mass / n if n else None,
             "min": hist.vmin if n else None,
-            "p50": hist.quantile(0.5),
-            "p90": hist.quantile(0.9),
-            "p99": hist.quantile(0.99),
+            "p50": stat["p50"],
+            "p90": stat["p90"],
+            "p99": stat["p99"],
             "max": hist.vmax if n else None,
-            "gini": hist.gini(),
-            "top1pct_share": hist.top_share(0.01),
+            "gini": stat["gini"],
+            "top1pct_share": stat["top1pct_share"],
             "method": "histogram",
         }
         if group.exact is not None:
@@ -268,7 +241,7 @@ def _validate(inputs: Any, options: dict[str, Any]) -> None:
 
 
 def _run(inputs: Any, options: dict[str, Any], reporter: Any) -> AnalysisResult:
-    from cwa.analysis.common import read_scores, scored_names
+    from cwa.analysis.common import scored_names
     from cwa.analysis.profile_topk import rank_run_for, topk_counts
 
     run = inputs.runs[0]
@@ -278,8 +251,7 @@ def _run(inputs: Any, options: dict[str, Any], reporter: Any) -> AnalysisResult:
     task = reporter.task("profile", total=len(names))
     with inputs.open_scores(run) as reader:
         for name in names:
-            values = read_scores(reader, name)
-            _profile_tensor(groups, arch, name, values, options["exact_limit"])
+            _profile_tensor(groups, arch, name, reader.get(name), options["exact_limit"])
             task.advance()
     task.close()
     if ("model", "all") not in groups.items:
@@ -358,7 +330,7 @@ ANALYZER = AnalyzerSpec(
         AnalyzerOption(
             "exact_limit",
             "int",
-            1 << 20,
+            1 << 16,
             "tensors with at most this many weights get exact quantiles/Gini (one sort)",
             minimum=0,
         ),
