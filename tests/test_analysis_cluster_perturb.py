@@ -229,6 +229,7 @@ def test_bad_cluster_inputs_register_nothing(cli, tiny_chain, tiny_world, store_
     cases = [
         ((*perturb, "--treatment", "cluster:7"), "has no cluster 7; its clusters are 0, 1, 2"),
         ((*perturb, "--treatment", "cluster:x"), "whole-number ID"),
+        ((*perturb, "--treatment", "cluster:0", "--k-values", "5,10"), "drop --k-values"),
         ((*perturb, "--treatment", "cluster"), "needs a cluster id"),
         ((*perturb, "--treatment", f"cluster:{rank_id}/0"), "is a rank run, but"),
         ((*perturb, "--treatment", "cluster:0", "--components", "attn_q"), "outside the layers"),

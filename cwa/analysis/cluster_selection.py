@@ -10,10 +10,11 @@ run's score run (or of another score run of the same model) — or ``RUN/ID`` to
 run (id, prefix or ``latest:analyze``). The analyze run is recorded as a parent of the perturb
 run with role ``clusters`` (the view ``cluster_perturbation_damage`` joins through it).
 
-Checks before the perturb run is registered: the analysis exists and is of the same model, the
-cluster exists and is not DBSCAN noise (-1), and its members lie in the layers and components
-the ranking and the perturb options allow. While computing, every member must lie in the
-perturbation scope (e.g. a score run that scored only some tensors), or the run fails naming one.
+Checks before the perturb run is registered: no ``--k-values`` (the cluster is perturbed whole),
+the analysis exists and is of the same model, the cluster exists and is not DBSCAN noise (-1),
+and its members lie in the layers and components the ranking and the perturb options allow.
+While computing, every member must lie in the perturbation scope (e.g. a score run that scored
+only some tensors), or the run fails naming one.
 """
 
 from __future__ import annotations
@@ -95,6 +96,11 @@ def _check(check: SelectionCheck) -> list[tuple[str, str]]:
     from cwa.models.architecture import resolve_components
 
     ref, cluster_id = parse_cluster_param(check.param)
+    if getattr(check.config, "k_values", None):
+        raise InvalidInput(
+            "a cluster treatment perturbs the whole cluster (its controls match its size); "
+            "drop --k-values"
+        )
     run_id = resolve_clusters_run(check.store, check.score_run, ref)
     with check.store.read() as con:
         found = con.execute(
