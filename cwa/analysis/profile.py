@@ -2,8 +2,8 @@
 
 One streaming pass over the score file (tensor by tensor). Every group of weights gets a
 mergeable log histogram of |score| (:mod:`cwa.analysis.histogram`: exact counts and group
-masses; quantiles, Gini and top-1% share within one bin width, 0.78%), so memory is O(largest tensor) plus a few
-KiB per group, never all scores. Levels (``analysis_profile.level``):
+masses; quantiles, Gini and top-1% share within one bin width, 0.78%), so memory is
+O(largest tensor) plus a few KiB per group, never all scores. Levels (``analysis_profile.level``):
 
 Tensors with at most ``exact_limit`` weights (default 2**16) get exact quantiles, Gini and
 top-1% share at level ``tensor`` (a sorted copy of the tensor; ``method = 'exact'``); larger

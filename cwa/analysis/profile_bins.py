@@ -14,9 +14,9 @@ When the architecture map cuts the parameter along one axis (every adapter's lay
 the fine group of an element depends only on its position along that axis: the group id is a
 short vector, each group is a slice (or gather) along that axis counted on its own (its few
 thousand bins stay in L1), and per-group sums/min/max come from reductions over the other
-axes. Work is done in blocks of about ``CHUNK`` elements so that temporaries stay in cache. Tensors holding NaN or inf
-(out-of-scope markers) and parameters without a one-axis layout take a masked, per-element
-path that gives the same bins.
+axes. Work is done in blocks of about ``CHUNK`` elements so that temporaries stay in cache.
+Tensors holding NaN or inf (out-of-scope markers) and parameters without a one-axis layout
+take a masked, per-element path that gives the same bins.
 """
 
 from __future__ import annotations
