@@ -51,7 +51,7 @@ CASES = [
     (("perturb", "RANK", "--method", "gaussian_noise", "--scale", "-1"), "must be >= 0"),
     # rank
     (("rank", "SCORE", "--topk", "999999999"), "--topk all"),
-    (("rank", "SCORE", "--topk", "many"), "whole number or 'all'"),
+    (("rank", "SCORE", "--topk", "many"), "--topk 'many': give a whole number"),
     (("rank", "SCORE", "--by", "square"), "--by 'square'"),
     (("rank", "SCORE", "--mode", "head", "--head-grouping", "pairs"), "unknown head grouping"),
     (("rank", "SCORE", "--layers", "5"), "layer 5 is out of range"),
