@@ -131,7 +131,7 @@ def test_head_heatmap_keeps_query_and_key_value_heads_apart() -> None:
     )
     fig = fs.head_heatmap(table)
     panels = [ax for ax in fig.axes if ax.get_images()]
-    assert [ax.get_title() for ax in panels] == ["attn_q (4 heads)", "attn_k (2 key-value heads)"]
+    assert [ax.get_title() for ax in panels] == ["attn_q (4 heads)", "attn_k (2 kv heads)"]
     q = np.asarray(panels[0].get_images()[0].get_array())
     k = np.asarray(panels[1].get_images()[0].get_array())
     np.testing.assert_array_equal(q, [[0, 0, 0, 5], [1, 0, 0, 0]])
@@ -309,3 +309,20 @@ def test_clusters_projection_keeps_centre_distances_and_sizes() -> None:
     areas = points.get_sizes()
     np.testing.assert_allclose(areas, 30.0 + 600.0 * np.array([100, 400, 50]) / 400)
     assert [t.get_text() for t in ax.texts] == ["c0 (100)", "c1 (400)", "c2 (50)"]
+
+
+def test_head_heatmap_draws_profile_means_when_given() -> None:
+    table = pl.DataFrame(
+        {
+            "component": ["attn_q", "attn_q", "attn_v"],
+            "layer": [0, 0, 0],
+            "head": [0, 1, 0],
+            "mean_score": [0.5, 0.25, 1.0],
+            "n_heads": [2, 2, 1],
+        }
+    )
+    fig = fs.head_heatmap(table, metric="grad_x_weight")
+    panels = [ax for ax in fig.axes if ax.get_images()]
+    np.testing.assert_allclose(np.asarray(panels[0].get_images()[0].get_array()), [[0.5, 0.25]])
+    np.testing.assert_allclose(np.asarray(panels[1].get_images()[0].get_array()), [[1.0]])
+    assert fig.get_suptitle() == "Sensitivity per attention head"

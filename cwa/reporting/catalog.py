@@ -163,12 +163,25 @@ ORDER BY ALL""",
     ),
     FigureSpec(
         name="head_heatmap",
-        title="Top-k weights per attention head",
-        caption="Ranked weights per (layer, head), one panel per projection; k and v count "
-        "key-value heads (fewer than query heads under grouped-query attention). Head counts "
-        "are the highest head index that holds a ranked weight, plus one.",
+        title="Attention heads",
+        caption="Per (layer, head), one panel per projection: the mean |score| of the head's "
+        "weights (profile analyzer), else the number of top-k weights in it (then the head "
+        "count is the highest head index holding a ranked weight, plus one). k and v count "
+        "key-value heads, fewer than query heads under grouped-query attention.",
         draw="figures_scores:head_heatmap",
         sources=(
+            Source(
+                sql=_PROFILE_RUN
+                + """
+SELECT component, layer, head, mean AS mean_score,
+       max(head) OVER (PARTITION BY component) + 1 AS n_heads
+FROM analysis_profile
+WHERE run_id = (SELECT run_id FROM newest) AND score_run_id = {score_run}
+  AND level = 'head' AND component IN ('attn_q', 'attn_k', 'attn_v', 'attn_o')
+ORDER BY component, layer, head""",
+                tables=("analysis_profile",),
+                needs=("score_run", "analyze_runs"),
+            ),
             Source(
                 sql="""WITH per_head AS (
     SELECT component, layer, head, count(*) AS n
@@ -184,8 +197,8 @@ ORDER BY component, layer, head""",
                 needs=("rank_run",),
             ),
         ),
-        hint="rank attention weights (`cwa rank --mode head`, or a global top-k that reaches "
-        "attention)",
+        hint="run `cwa analyze profile` (or rank attention weights: `cwa rank --mode head`)",
+        options=_metric,
     ),
     FigureSpec(
         name="damage_vs_k",

@@ -201,16 +201,18 @@ HEAD_ORDER = ("attn_q", "attn_k", "attn_v", "attn_o")
 
 
 @styled
-def head_heatmap(table: pl.DataFrame) -> Figure:
-    """Columns: component (attn_q/k/v/o), layer, head, n_heads, n (top-k weights in the head).
+def head_heatmap(table: pl.DataFrame, *, metric: str = "score") -> Figure:
+    """Columns: component (attn_q/k/v/o), layer, head, n_heads, and either mean_score (mean
+    |score| of the head's weights, from the profile analyzer) or n (top-k weights in the head).
 
     One panel per component, each with its own head count: under grouped-query attention k and
     v have fewer (key-value) heads than q and o, and their head indices are never mixed.
     """
+    value = "mean_score" if "mean_score" in table.columns else "n"
     present = [c for c in HEAD_ORDER if c in set(table["component"].to_list())]
     fig, axes = new_figure(1, len(present), width=FULL_WIDTH_IN, height=2.6, squeeze=False)
     layers = sorted(set(table["layer"].to_list()))
-    vmax = float(table["n"].max() or 1)
+    vmax = float(table[value].max() or 1)
     image = None
     for ax, component in zip(axes[0], present, strict=True):
         part = table.filter(table["component"] == component)
@@ -218,14 +220,18 @@ def head_heatmap(table: pl.DataFrame) -> Figure:
         matrix = np.zeros((len(layers), n_heads))
         li = {v: i for i, v in enumerate(layers)}
         rows = np.array([li[v] for v in part["layer"].to_list()], dtype=int)
-        matrix[rows, part["head"].to_numpy().astype(int)] = part["n"].to_numpy().astype(float)
+        matrix[rows, part["head"].to_numpy().astype(int)] = part[value].to_numpy().astype(float)
         image = ax.imshow(matrix, aspect="auto", cmap=SEQUENTIAL_CMAP, vmin=0, vmax=vmax)
-        kind = "key-value head" if component in ("attn_k", "attn_v") else "head"
+        kind = "kv head" if component in ("attn_k", "attn_v") else "head"  # key-value
         ax.set_title(f"{component} ({n_heads} {kind}s)")
         ax.set_xlabel(f"{kind} index")
         ax.set_yticks(range(len(layers)), [layer_label(v) for v in layers])
     axes[0][0].set_ylabel("layer (block index)")
+    if value == "n":
+        label, title = "top-k weights (count)", "Top-k weights per attention head"
+    else:
+        label, title = f"mean |{metric}|", "Sensitivity per attention head"
     if image is not None:
-        fig.colorbar(image, ax=list(axes[0]), label="top-k weights (count)")
-    fig.suptitle("Top-k weights per attention head", fontsize=9)
+        fig.colorbar(image, ax=list(axes[0]), label=label)
+    fig.suptitle(title, fontsize=9)
     return fig
