@@ -260,3 +260,34 @@ def test_unknown_selection_suggests() -> None:
     with pytest.raises(UnknownName, match="did you mean 'random_k'"):
         parse_selection("randomk")
     assert math.isfinite(1.0)
+
+
+def test_entry_point_plugins_end_to_end(cli, tiny_world, store_path, tmp_path, monkeypatch):
+    """Plugins installed as entry points (groups cwa.selections, cwa.perturbations) are used by
+    name through the CLI like built-ins."""
+    (tmp_path / "cwa_test_plugins.py").write_text(PLUGINS)
+    dist = tmp_path / "cwa_test_plugins-0.1.dist-info"
+    dist.mkdir()
+    (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: cwa-test-plugins\nVersion: 0.1\n")
+    (dist / "entry_points.txt").write_text(
+        "[cwa.selections]\nfirst_in_group = cwa_test_plugins:first_in_group\n\n"
+        "[cwa.perturbations]\nhalve = cwa_test_plugins:halve\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    with SELECTIONS.isolated(), PERTURBATION_METHODS.isolated():
+        for registry in (SELECTIONS, PERTURBATION_METHODS):
+            monkeypatch.setattr(registry, "_entry_points_loaded", False)
+        rank = _score_rank(cli, tiny_world)
+        result = cli("--json", "perturb", rank, "--method", "halve", "--controls", "first_in_group",
+                     "--eval", f"perplexity:{tiny_world['text']}")  # fmt: skip
+        assert result.exit_code == 0, result.stderr
+        run_id = json.loads(result.stdout)["runs"][0]["run_id"]
+        from cwa.store import Store
+
+        with Store(store_path).read() as con:
+            rows = con.execute(
+                "SELECT selection, method, treatment_k = selected_k FROM condition_group_counts "
+                "JOIN perturbation_conditions USING (run_id, condition_id, selection, method) "
+                "WHERE run_id = ?", [run_id]).fetchall()  # fmt: skip
+        assert {(s, m) for s, m, _ in rows} == {("top_k", "halve"), ("first_in_group", "halve")}
+        assert all(ok for *_, ok in rows)
