@@ -205,8 +205,21 @@ def _analysis_tables(seeds: list[str]) -> dict[str, list[dict]]:
         for c, vec in CLUSTER_CENTRES.items()
         for f, v in zip(("log_score_0", "depth", "abs_weight"), vec, strict=True)
     ]
+    effects = [
+        dict(perturb_run_id="x", method="sign_flip", scale=None, bit=None, k=100,
+             task="perplexity", metric="perplexity", task_config_hash="h-perplexity",
+             treatment="top_k", control="random_k", n_treatment=1, n_control=3, baseline=3.0,
+             treatment_mean=330.0, treatment_sd=None, control_mean=3.08, control_sd=0.05,
+             difference=EFFECT[0], ratio=None, ci_low=EFFECT[1], ci_high=EFFECT[2],
+             ci_level=0.95, z=EFFECT[3], frac_controls_worse=0.0, treatment_damage=327.0,
+             control_damage=0.08, damage_per_weight=3.27, control_damage_per_weight=0.0008)
+    ]
     return {"analysis_stability_summary": summary, "analysis_correlation": corr,
-            "analysis_clusters": clusters, "analysis_cluster_centroids": centroids}
+            "analysis_clusters": clusters, "analysis_cluster_centroids": centroids,
+            "analysis_effects": effects}
+
+
+EFFECT = (326.92, 326.8, 327.05, 6538.4)  # difference, ci_low, ci_high, z
 
 
 CLUSTER_SIZES = {0: 120, 1: 40, 2: 300}

@@ -52,6 +52,9 @@ def test_report_of_a_perturb_run_follows_lineage_and_states_the_numbers(store: S
     acc = np.array(RANDOM_ACC[100])
     assert f"from {ACC_BASELINE:.2f} to {TOP_ACC[100]:.2f}" in accuracy
     assert f"{acc.mean():.2f} ± {acc.std(ddof=1):.2f}" in accuracy
+    # The effects analyzer's interval, as stored.
+    assert ("Against random_k (3 seeds), the top-k raises perplexity by 327 more (95% interval "
+            "327 to 327; z = 6,538).") in value["findings"]
     # Figures drawn from the data present; absent data listed with the command to produce it.
     for name in ("score_distribution", "sensitivity_heatmap", "depth_profile",
                  "topk_composition", "head_heatmap", "damage_vs_k", "task_deltas",

@@ -10,6 +10,7 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
+from cwa.reporting.build import store_tables
 from cwa.reporting.runset import RunSet
 from cwa.reporting.style import component_label
 from cwa.store.store import Store
@@ -150,6 +151,36 @@ ORDER BY t.selection"""
     return found
 
 
+def effect_findings(con: Any, runs: RunSet) -> list[Finding]:
+    """Effect sizes of the treatment against each control (the effects analyzer's rows)."""
+    analyses = runs.ids("analyze")
+    if not analyses or "analysis_effects" not in store_tables(con):
+        return []
+    ids = ", ".join(f"'{i}'" for i in analyses)
+    sql = f"""WITH newest AS (
+    SELECT max(run_id) AS run_id FROM analysis_effects WHERE run_id IN ({ids})
+), main AS (
+    SELECT max(k) AS k FROM analysis_effects
+    WHERE run_id = (SELECT run_id FROM newest) AND treatment = 'top_k'
+)
+SELECT control, n_control, task, difference, ci_low, ci_high, ci_level, z
+FROM analysis_effects
+WHERE run_id = (SELECT run_id FROM newest) AND treatment = 'top_k'
+  AND k = (SELECT k FROM main) AND task = 'perplexity' AND metric = 'perplexity'
+ORDER BY control"""
+    found = []
+    for control, n, _task, diff, lo, hi, level, z in con.execute(sql).fetchall():
+        if diff is None:
+            continue
+        text = f"Against {control} ({n} seed{'s' if n != 1 else ''}), the top-k raises " \
+            f"perplexity by {_fmt(diff)} more"
+        if lo is not None and hi is not None:
+            text += f" ({(level or 0.95) * 100:.0f}% interval {_fmt(lo)} to {_fmt(hi)}"
+            text += f"; z = {_fmt(z)})" if z is not None else ")"
+        found.append(Finding(text=text + ".", sql=sql))
+    return found
+
+
 def score_findings(con: Any, runs: RunSet) -> list[Finding]:
     if runs.score_run is None:
         return []
@@ -187,6 +218,7 @@ def findings(store: Store, runs: RunSet) -> list[Finding]:
         return (
             perturbation_findings(con, runs)
             + cluster_findings(con, runs)
+            + effect_findings(con, runs)
             + score_findings(con, runs)
         )
 
