@@ -76,7 +76,13 @@ def toy_study(root: Path, seeds: list[int], n_samples: int, limit: int) -> dict[
     report, report_s, report_cpu = _timed(
         run_report, store, ReportConfig(experiment="toy-study"), mlflow=False
     )
+    # The same report with PNG only (matplotlib now warm): what the vector files cost.
+    _, png_s, png_cpu = _timed(
+        run_report, store, ReportConfig(experiment="toy-study", formats=["png"]), mlflow=False
+    )
     return {
+        "png_s": png_s,
+        "png_cpu": png_cpu,
         "chain_s": chain_s,
         "score_runs": len(scores),
         "score_s": score_s,
@@ -172,6 +178,9 @@ def main() -> None:
         _ratio(f"score stage, {toy['score_runs']} seeds", toy["score_s"], toy["score_cpu"],
                f"report, {toy['figures']} figures x png+pdf+svg", toy["report_s"],
                toy["report_cpu"])
+        print(f"  report with --formats png (warm): {toy['png_s']:.2f} s wall, "
+              f"{toy['png_cpu']:.2f} s CPU; / score = {toy['png_s'] / toy['score_s']:.2f} wall, "
+              f"{toy['png_cpu'] / toy['score_cpu']:.2f} CPU")
         if not args.skip_124m:
             big = large_score_run(root, args.large_n_samples)
             print(f"{big['weights']:,}-weight score run (rank top 1,000 took "
