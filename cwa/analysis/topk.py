@@ -1,38 +1,47 @@
 """Streaming top-k of several score runs at once, per group, with the other runs' scores.
 
 The score files of R runs of one model are read in lockstep, one tensor of each run at a time.
-For every run and group (global, each layer, each component) a
-:class:`cwa.ranking.RunningTopK` keeps the exact top-K (the same order and tie rule as
-``cwa rank``: higher score first, then parameter order, then flat index; NaN never ranked).
-Next to the held entries the tracker keeps the *other* runs' scores of the same weights, read
-from their tensors while those are in memory, so rank correlations on the union of two top-k
-sets need no second pass over any file. Memory: R tensors plus O(K * R) per group.
+For every run and group (global, each layer, each component) a :class:`TrackedTopK` keeps the
+exact top-K (the order and tie rule of ``cwa rank``: higher score first, then parameter order,
+then flat index; NaN never ranked). Next to the held entries it keeps the *other* runs' scores
+of the same weights, read from their tensors while those are in memory, so rank correlations
+on the union of two top-k sets need no second pass over any file. Memory: R tensors plus
+O(K * R) per group.
+
+Speed: a tensor (or a component block of a fused tensor) is looked at once per run by
+:func:`block_candidates`: when its groups already hold K entries, one comparison against the
+lowest held score (``> threshold``: an equal score loses to the earlier weights held); else the
+K-th largest is bracketed from a strided sample, one comparison keeps the few values above the
+bracket, and a partition of those picks the exact top-K (no sort or top-k of the whole tensor).
+Entries are appended to a group's pool and the pool is cut back to K (and its threshold
+raised) only between tensors, so the selection costs O(candidates), not O(K) per tensor.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 
 
 class TrackedTopK:
-    """Exact running top-k (the order and tie rule of :class:`cwa.ranking.RunningTopK`) whose
-    entries carry the other runs' scores of the same weights.
+    """Exact running top-k whose entries carry the other runs' scores of the same weights.
 
     ``offsets[position]`` is the first global element id of the parameter at ``position``
-    (architecture order), so an entry's global id is ``offsets[position] + flat``. The
-    candidate pre-filter and tie-boundary selection are :class:`~cwa.ranking.RunningTopK`'s
-    (``_top_indices``); the payload rides along every index operation, so no lookups are needed.
+    (architecture order), so an entry's global id (``gid``) is ``offsets[position] + flat``
+    and orders ties like ``cwa rank`` (parameter order, then flat index).
     """
 
     def __init__(self, k: int, n_other: int, offsets: np.ndarray) -> None:
         self.k = k
         self.offsets = offsets
-        self.keys = np.empty(0, dtype=np.float32)
-        self.positions = np.empty(0, dtype=np.int64)
-        self.flats = np.empty(0, dtype=np.int64)
-        self.payload = np.empty((0, n_other), dtype=np.float32)
+        self.threshold: float | None = None  # the K-th best held score once K are held
+        self._parts: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
+        self._size = 0
+        self._n_other = n_other
+        self._final: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None
 
     def offer(
         self,
@@ -41,44 +50,98 @@ class TrackedTopK:
         flats: np.ndarray | None,
         others: Sequence[np.ndarray],
     ) -> None:
-        """Offer one tensor's candidates (``flats`` ascending; None = every element).
-
-        Positions must not decrease between calls; ``others`` are the other runs' whole flat
-        score arrays of the same tensor.
-        """
+        """Offer one tensor's candidates (``flats`` ascending; None = every element);
+        ``others`` are the other runs' whole flat score arrays of the same tensor."""
         from cwa.ranking import _top_indices
 
-        if keys.size == 0:
-            return
-        local: np.ndarray | None = None
-        if self.keys.size >= self.k:
-            # equal keys lose to held entries (earlier position): strictly greater only
-            local = np.flatnonzero(keys > self.keys[-1])
-            if local.size == 0:
-                return
-            keys = keys[local]
-        if keys.size > self.k:
-            pick = _top_indices(keys, self.k)
-            keys = keys[pick]
-            local = pick if local is None else local[pick]
-        elif local is None:
-            local = np.arange(keys.size, dtype=np.int64)
-        new_flats = local if flats is None else flats[local]
-        order = np.argsort(-keys, kind="stable")  # ascending flats among equal keys
-        new_flats = new_flats[order].astype(np.int64)
-        payload = np.empty((order.size, self.payload.shape[1]), dtype=np.float32)
+        local = np.arange(keys.size, dtype=np.int64)
+        if self.threshold is not None:
+            local = np.flatnonzero(keys > self.threshold)
+        if local.size > self.k:
+            local = local[_top_indices(keys[local], self.k)]
+        flat = local if flats is None else np.asarray(flats)[local]
+        payload = np.empty((flat.size, self._n_other), dtype=np.float32)
         for j, other in enumerate(others):
-            payload[:, j] = other[new_flats]
-        merged_keys = np.concatenate([self.keys, keys[order]])
-        best = np.argsort(-merged_keys, kind="stable")[: self.k]  # held entries first on ties
-        self.keys = merged_keys[best]
-        self.positions = np.concatenate(
-            [self.positions, np.full(order.size, position, dtype=np.int64)]
-        )[best]
-        self.flats = np.concatenate([self.flats, new_flats])[best]
-        self.payload = np.concatenate([self.payload, payload])[best]
+            payload[:, j] = other[flat]
+        self.add(keys[local], self.offsets[position] + flat, payload)
+        self.compact()
+
+    def add(self, keys: np.ndarray, gids: np.ndarray, payload: np.ndarray) -> None:
+        """Append entries of the current tensor (already above :attr:`threshold`)."""
+        if keys.size:
+            self._parts.append((keys.astype(np.float32, copy=False), gids, payload))
+            self._size += keys.size
+            self._final = None
+
+    def compact(self, slack: int = 1) -> None:
+        """Cut the pool back to the best K when it holds more than ``slack * K`` entries
+        (call between tensors only: the raised threshold drops equal scores that come later)."""
+        if self._size <= slack * self.k or not self._parts:
+            return
+        keys, gids, payload = (np.concatenate(a) for a in zip(*self._parts, strict=True))
+        if keys.size > self.k:
+            n = keys.size
+            kth = np.partition(keys, n - self.k)[n - self.k]
+            above = np.flatnonzero(keys > kth)
+            ties = np.flatnonzero(keys == kth)
+            ties = ties[np.argsort(gids[ties], kind="stable")[: self.k - above.size]]
+            keep = np.concatenate([above, ties])
+            keys, gids, payload = keys[keep], gids[keep], payload[keep]
+        if keys.size >= self.k:
+            self.threshold = float(keys.min())
+        self._parts = [(keys, gids, payload)]
+        self._size = keys.size
 
     def head(self, k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(global ids, scores, other runs' scores) of the best ``k`` entries, best first."""
-        gids = self.offsets[self.positions[:k]] + self.flats[:k]
-        return gids, self.keys[:k], self.payload[:k]
+        if self._final is None:
+            self.compact(slack=1)
+            if self._parts:
+                keys, gids, payload = (np.concatenate(a) for a in zip(*self._parts, strict=True))
+                order = np.lexsort((gids, -keys.astype(np.float64)))
+                self._final = (gids[order], keys[order], payload[order])
+            else:
+                empty = np.empty(0, dtype=np.int64)
+                self._final = (
+                    empty,
+                    np.empty(0, dtype=np.float32),
+                    np.empty((0, self._n_other), dtype=np.float32),
+                )
+        gids, keys, payload = self._final
+        return gids[:k], keys[:k], payload[:k]
+
+
+def block_candidates(flat: Any, k: int, threshold: float | None) -> tuple[np.ndarray, np.ndarray]:
+    """(ascending indices, scores) of a superset of the top-``k`` of a flat float32 torch
+    tensor among the values above ``threshold`` (None: all non-NaN), cut to at most ``k`` by
+    the exact tie rule (lowest index first)."""
+    import torch
+
+    from cwa.ranking import _top_indices
+
+    n = flat.numel()
+    if threshold is not None:
+        index = torch.nonzero(flat > threshold).squeeze(1)
+    elif n <= k:
+        index = torch.nonzero(~torch.isnan(flat)).squeeze(1)
+    else:
+        index = None
+        sample = flat[:: max(1, n // 65536)]
+        sample = sample[~torch.isnan(sample)]
+        for factor in (2.0, 8.0):  # bracket the k-th largest from below, then check
+            want = math.ceil(factor * k / n * sample.numel()) + 16
+            if want >= sample.numel():
+                break
+            bracket = float(torch.topk(sample, want, sorted=False).values.min())
+            found = torch.nonzero(flat > bracket).squeeze(1)
+            if found.numel() >= k:
+                index = found
+                break
+        if index is None:
+            index = torch.nonzero(~torch.isnan(flat)).squeeze(1)
+    keys = flat[index].numpy()
+    index = index.numpy()
+    if keys.size > k:
+        pick = _top_indices(keys, k)
+        keys, index = keys[pick], index[pick]
+    return index, keys
