@@ -237,8 +237,10 @@ def test_save_figure_writes_vector_and_200dpi_png(tmp_path: Path) -> None:
     table = pl.DataFrame({"layer": [0, 1], "mean_score": [1.0, 2.0]})
     fig = fs.depth_profile(table)
     written = save_figure(fig, tmp_path / "depth", ("png", "pdf", "svg"))
-    assert written["pdf"].read_bytes().startswith(b"%PDF")
-    assert b"<svg" in written["svg"].read_bytes()[:2000]
+    pdf, svg = written["pdf"].read_bytes(), written["svg"].read_bytes()
+    assert pdf.startswith(b"%PDF")
+    assert b"/Type3" not in pdf and b"FontFile2" in pdf  # embedded TrueType, no Type 3 fonts
+    assert b"<svg" in svg[:2000] and b"<text" in svg  # SVG text stays text
     with Image.open(written["png"]) as image:
         dpi = image.info.get("dpi", (0, 0))[0]
         assert round(dpi) >= 200

@@ -51,8 +51,6 @@ _RC = {
     "legend.frameon": False,
     "axes.spines.top": False,
     "axes.spines.right": False,
-    "svg.fonttype": "none",  # text stays text in SVG (searchable, small)
-    "pdf.fonttype": 42,  # TrueType in PDF, editable in vector tools
 }
 
 
@@ -167,7 +165,10 @@ def figure_bytes(fig: Figure, fmt: str) -> bytes:
     elif fmt == "svg":
         kwargs["metadata"] = {"Creator": "cwa report", "Date": None}
     buffer = io.BytesIO()
-    fig.savefig(buffer, **kwargs)
+    # Font handling is read when saving, not when drawing: TrueType (Type 42) fonts in PDF, as
+    # journals ask (no Type 3), and SVG text kept as text (searchable, smaller, faster).
+    with pyplot().rc_context({"pdf.fonttype": 42, "svg.fonttype": "none"}):
+        fig.savefig(buffer, **kwargs)
     return buffer.getvalue()
 
 
