@@ -158,7 +158,7 @@ def load_model(
     reporter: Reporter | None = None,
     load_tokenizer: bool = True,
 ) -> LoadedModel:
-    """Load a causal LM by local folder, Hugging Face name, or ``toy`` / ``toy-llama``.
+    """Load a causal LM by local folder, Hugging Face name, GGUF file, or ``toy`` / ``toy-llama``.
 
     ``dtype``: auto|float32|bfloat16|float16 (see :func:`resolve_dtype`); ``device``:
     auto|cpu|cuda|cuda:N|mps (see :func:`resolve_device`); ``attn_implementation``: None for
@@ -168,6 +168,20 @@ def load_model(
     """
     reporter = reporter or NULL_REPORTER
     torch_device = resolve_device(device)
+    from cwa.models.gguf import find_gguf, load_gguf  # a .gguf file: cwa/models/gguf.py
+
+    gguf = find_gguf(ref)
+    if gguf is not None:
+        return load_gguf(
+            gguf,
+            ref=ref,
+            dtype=dtype,
+            device=torch_device,
+            trust_remote_code=trust_remote_code,
+            attn_implementation=attn_implementation,
+            load_tokenizer=load_tokenizer,
+            reporter=reporter,
+        )
     source, folder = _resolve_source(ref, reporter)
     local = folder is not None
     offline = _hub_offline()
