@@ -83,13 +83,23 @@ def rbo_from_overlaps(overlaps: np.ndarray, p: float) -> float:
 
 
 def rbo(
-    ids_a: np.ndarray, keys_a: np.ndarray, ids_b: np.ndarray, keys_b: np.ndarray, p: float
+    ids_a: np.ndarray,
+    keys_a: np.ndarray,
+    ids_b: np.ndarray,
+    keys_b: np.ndarray,
+    p: float,
+    shared: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None,
 ) -> float:
-    """Tie-aware RBO_ext of two equally long lists of item ids ordered best first."""
+    """Tie-aware RBO_ext of two equally long lists of item ids ordered best first.
+
+    ``shared``: ``np.intersect1d(ids_a, ids_b, assume_unique=True, return_indices=True)`` when
+    the caller has it already."""
     k = ids_a.size
     if ids_b.size != k:
         raise ValueError("rbo needs two lists of the same depth")
-    shared, ia, ib = np.intersect1d(ids_a, ids_b, assume_unique=True, return_indices=True)
+    if shared is None:
+        shared = np.intersect1d(ids_a, ids_b, assume_unique=True, return_indices=True)
+    shared, ia, ib = shared
     if shared.size == 0:
         return 0.0
     sa, na = tie_spans(keys_a)

@@ -103,6 +103,7 @@ def collect_topk(
                     present = [trackers[r][g] for g in groups if g in trackers[r]]
                     if present:
                         values, to_tensor = _block_values(mine, spec)
+                        values = values.numpy()
                         _offer_block(present, values, to_tensor, offsets[position], others)
             for per_run in trackers:
                 for tracker in per_run.values():
@@ -212,12 +213,14 @@ def compare_pair(top_a: Any, top_b: Any, a: int, b: int, k: int, p: float) -> di
     k_eff = min(ids_a.size, ids_b.size)
     ids_a, keys_a, pay_a = ids_a[:k_eff], keys_a[:k_eff], pay_a[:k_eff]
     ids_b, keys_b, pay_b = ids_b[:k_eff], keys_b[:k_eff], pay_b[:k_eff]
-    overlap = int(np.intersect1d(ids_a, ids_b, assume_unique=True).size)
+    shared = np.intersect1d(ids_a, ids_b, assume_unique=True, return_indices=True)
+    overlap = int(shared[0].size)
     union = 2 * k_eff - overlap
     # payload columns hold the other runs in run order, skipping the run itself
     col_b_in_a = b - (b > a)
     col_a_in_b = a - (a > b)
-    only_b = ~np.isin(ids_b, ids_a, assume_unique=True)
+    only_b = np.ones(ids_b.size, dtype=bool)
+    only_b[shared[2]] = False
     score_a = np.concatenate([keys_a, pay_b[only_b, col_a_in_b]]).astype(np.float64)
     score_b = np.concatenate([pay_a[:, col_b_in_a], keys_b[only_b]]).astype(np.float64)
 
@@ -233,7 +236,7 @@ def compare_pair(top_a: Any, top_b: Any, a: int, b: int, k: int, p: float) -> di
         "overlap": overlap,
         "overlap_frac": overlap / k_eff if k_eff else 0.0,
         "jaccard": overlap / union if union else 0.0,
-        "rbo": rbo(ids_a, keys_a, ids_b, keys_b, p),
+        "rbo": rbo(ids_a, keys_a, ids_b, keys_b, p, shared=shared),
         "rbo_p": p,
         "spearman": spearman,
         "kendall": kendall,

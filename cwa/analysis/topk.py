@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from typing import Any
 
 import numpy as np
 
@@ -111,36 +110,35 @@ class TrackedTopK:
         return gids[:k], keys[:k], payload[:k]
 
 
-def block_candidates(flat: Any, k: int, threshold: float | None) -> tuple[np.ndarray, np.ndarray]:
-    """(ascending indices, scores) of a superset of the top-``k`` of a flat float32 torch
-    tensor among the values above ``threshold`` (None: all non-NaN), cut to at most ``k`` by
-    the exact tie rule (lowest index first)."""
-    import torch
-
+def block_candidates(
+    flat: np.ndarray, k: int, threshold: float | None
+) -> tuple[np.ndarray, np.ndarray]:
+    """(ascending indices, scores) of a superset of the top-``k`` of a flat float32 array
+    among the values above ``threshold`` (None: all non-NaN), cut to at most ``k`` by the
+    exact tie rule (lowest index first). numpy: its compare + flatnonzero is ~3x torch's."""
     from cwa.ranking import _top_indices
 
-    n = flat.numel()
+    n = flat.size
     if threshold is not None:
-        index = torch.nonzero(flat > threshold).squeeze(1)
+        index = np.flatnonzero(flat > np.float32(threshold))
     elif n <= k:
-        index = torch.nonzero(~torch.isnan(flat)).squeeze(1)
+        index = np.flatnonzero(~np.isnan(flat))
     else:
         index = None
         sample = flat[:: max(1, n // 65536)]
-        sample = sample[~torch.isnan(sample)]
+        sample = sample[~np.isnan(sample)]
         for factor in (2.0, 8.0):  # bracket the k-th largest from below, then check
-            want = math.ceil(factor * k / n * sample.numel()) + 16
-            if want >= sample.numel():
+            want = math.ceil(factor * k / n * sample.size) + 16
+            if want >= sample.size:
                 break
-            bracket = float(torch.topk(sample, want, sorted=False).values.min())
-            found = torch.nonzero(flat > bracket).squeeze(1)
-            if found.numel() >= k:
+            bracket = np.partition(sample, sample.size - want)[sample.size - want]
+            found = np.flatnonzero(flat > bracket)
+            if found.size >= k:
                 index = found
                 break
         if index is None:
-            index = torch.nonzero(~torch.isnan(flat)).squeeze(1)
-    keys = flat[index].numpy()
-    index = index.numpy()
+            index = np.flatnonzero(~np.isnan(flat))
+    keys = flat[index]
     if keys.size > k:
         pick = _top_indices(keys, k)
         keys, index = keys[pick], index[pick]
