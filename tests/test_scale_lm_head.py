@@ -151,3 +151,24 @@ def test_continuations_and_windows_match_unchunked(
     start = len(req.context) - 1
     hand = sum(float(logp[start + i, t]) for i, t in enumerate(req.continuation))
     assert float(ll[3]) == pytest.approx(hand, abs=1e-4)
+
+
+@pytest.mark.parametrize("path", ["second_order", "non_uniform"])
+def test_checkpointed_and_recomputed_paths_match(models, small_chunks, path: str) -> None:
+    """The checkpointed head (second_order) and the fused head's recompute for a non-uniform
+    upstream gradient both give the full-logit gradients."""
+    from cwa.metrics.base import token_nll
+
+    model = models["gpt2"]
+    batch = _batch()
+    weights = torch.rand(batch["input_ids"].shape, generator=torch.Generator().manual_seed(9))
+    if path == "non_uniform":
+        nll, _ = token_nll(model, batch, torch.device("cpu"))
+    else:
+        with lm_head.second_order():
+            nll, _ = token_nll(model, batch, torch.device("cpu"))
+    params = list(model.parameters())
+    grads = torch.autograd.grad((nll * weights).sum(), params)
+    ref = torch.autograd.grad((_reference_nll(model, batch) * weights).sum(), params)
+    for g, r in zip(grads, ref, strict=True):
+        torch.testing.assert_close(g.double(), r.double(), rtol=1e-4, atol=1e-5)

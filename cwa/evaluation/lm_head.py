@@ -5,16 +5,21 @@ float32 logits of a whole batch dominate memory for large vocabularies (16 x 256
 vocab = 0.8 GB, plus the same again for their gradient). Here the backbone runs once, the
 final hidden states of the positions that are actually scored are gathered, and the head is
 applied to them in chunks of at most :data:`CHUNK_BYTES` of float32 logits. With gradients
-on, each chunk runs under non-reentrant activation checkpointing, so backward recomputes one
-chunk's logits at a time instead of keeping all of them alive (first and second order).
+on, the first-order gradients w.r.t. the hidden states and the head weight are formed chunk by
+chunk during the forward (:class:`_FusedHeadNLL`), so no logits are kept or recomputed; for
+second-order metrics (:func:`second_order`) each chunk is checkpointed instead, so backward
+recomputes one chunk's logits at a time (twice differentiable).
 
 Only architectures whose ``forward`` is exactly ``lm_head(backbone(x).last_hidden_state)`` take
 this path (:data:`CHUNKED_MODEL_TYPES`); anything else (logit soft-capping, logit scaling,
-unknown models, a head with hooks on it) falls back to the model's own forward, so results never depend on a guess.
+unknown models, a head with hooks on it) falls back to the model's own forward, so results
+never depend on a guess.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -65,6 +70,91 @@ def hidden_states(backbone: Any, input_ids: torch.Tensor, **kwargs: Any) -> torc
     return backbone(input_ids=input_ids, use_cache=False, **kwargs).last_hidden_state
 
 
+_SECOND_ORDER = [0]  # > 0 while a caller needs twice-differentiable NLL (Hessian metrics)
+
+
+@contextmanager
+def second_order() -> Iterator[None]:
+    """Inside: the head is checkpointed (twice differentiable), never fused."""
+    _SECOND_ORDER[0] += 1
+    try:
+        yield
+    finally:
+        _SECOND_ORDER[0] -= 1
+
+
+class _FusedHeadNLL(torch.autograd.Function):
+    """NLL of a linear head whose first-order gradients are computed during the forward.
+
+    Per chunk: logits, log-sum-exp, NLL, and (softmax - onehot) turned at once into the
+    gradients w.r.t. the hidden states and the head weight (float32 sum); the logits are then
+    freed. Backward scales them by the upstream gradient, which callers make uniform (a sum
+    of NLL over tokens divided by a count); a non-uniform upstream gradient, or a backward
+    that builds a graph, recomputes the chunks with differentiable ops instead.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
+                rows: int) -> torch.Tensor:  # fmt: skip
+        need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        n = int(hidden.shape[0])
+        nll = torch.empty(n, dtype=torch.float32, device=hidden.device)
+        grad_h = torch.empty_like(hidden) if need_h else None
+        grad_w = None
+        if need_w:  # float32 sum over chunks, whatever the weight dtype
+            grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
+        for start in range(0, n, rows):
+            h, y = hidden[start : start + rows], targets[start : start + rows]
+            logits = (h @ weight.t()).float()
+            lse = torch.logsumexp(logits, dim=-1)
+            nll[start : start + rows] = lse - logits.gather(1, y[:, None])[:, 0]
+            # d nll / d logits = softmax - onehot, built in the logits' own memory.
+            probs = logits.sub_(lse[:, None]).exp_()
+            probs[torch.arange(probs.shape[0], device=probs.device), y] -= 1.0
+            if grad_h is not None:
+                grad_h[start : start + rows] = probs.to(weight.dtype) @ weight
+            if grad_w is not None:
+                grad_w.addmm_(probs.t(), h.float())
+            del logits, probs
+        ctx.rows = rows
+        ctx.save_for_backward(hidden, weight, targets)
+        ctx.fused = (grad_h, grad_w)
+        return nll
+
+    @staticmethod
+    def backward(ctx: Any, grad_nll: torch.Tensor) -> tuple[Any, ...]:
+        hidden, weight, targets = ctx.saved_tensors
+        grad_h, grad_w = ctx.fused
+        ctx.fused = (None, None)
+        uniform = grad_nll.numel() == 0 or bool((grad_nll == grad_nll[0]).all())
+        if uniform and not torch.is_grad_enabled():
+            scale = grad_nll[0] if grad_nll.numel() else 0.0
+            gh = None if grad_h is None else grad_h.mul_(scale)
+            gw = None if grad_w is None else grad_w.mul_(scale).to(weight.dtype)
+            return gh, gw, None, None
+        # Recompute (rare: see the class docstring) with the explicit gradient formula, in
+        # differentiable ops when a graph is being built. No autograd.grad here: with a tied
+        # head weight it would also follow the hidden states back into the embedding.
+        need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        parts_h = []
+        gw = None
+        if need_w:
+            gw = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
+        for s in range(0, int(hidden.shape[0]), ctx.rows):
+            h, y = hidden[s : s + ctx.rows], targets[s : s + ctx.rows]
+            probs = torch.softmax((h @ weight.t()).float(), dim=-1)
+            onehot = torch.nn.functional.one_hot(y, probs.shape[-1]).to(probs.dtype)
+            delta = (probs - onehot) * grad_nll[s : s + ctx.rows, None]
+            if need_h:
+                parts_h.append(delta.to(weight.dtype) @ weight)
+            if need_w:
+                gw = gw + delta.t() @ h.float()
+        gh = torch.cat(parts_h) if need_h and parts_h else None
+        if gw is not None:
+            gw = gw.to(weight.dtype)
+        return gh, gw, None, None
+
+
 def chunked_nll(
     head: torch.nn.Module,
     hidden: torch.Tensor,
@@ -74,13 +164,17 @@ def chunked_nll(
 ) -> torch.Tensor:
     """Float32 NLL of ``targets`` [N] given final hidden states [N, H], chunk by chunk.
 
-    With gradients enabled each chunk is checkpointed: its logits are freed after the forward
-    and recomputed during backward (also under ``create_graph`` for Hessian-vector products).
+    With gradients enabled, a bias-free head computes its first-order gradients during the
+    forward (:class:`_FusedHeadNLL`: no logits kept, none recomputed); inside
+    :func:`second_order`, or for a head with a bias, each chunk is checkpointed instead: its
+    logits are freed after the forward and recomputed during backward (twice differentiable).
     """
     n = int(hidden.shape[0])
     vocab = int(head.weight.shape[0])
     rows = chunk_rows(vocab, chunk_bytes)
     grad = torch.is_grad_enabled() and (hidden.requires_grad or head.weight.requires_grad)
+    if grad and not _SECOND_ORDER[0] and getattr(head, "bias", None) is None and n:
+        return _FusedHeadNLL.apply(hidden, head.weight, targets, rows)
     pieces = []
     for start in range(0, n, rows):
         h, y = hidden[start : start + rows], targets[start : start + rows]

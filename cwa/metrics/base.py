@@ -291,14 +291,17 @@ def double_backward_attention(model: torch.nn.Module) -> Iterator[str]:
     supports double backward (the fused flash / memory-efficient kernels do not). Any other
     implementation (flash_attention_2, flex, ...) is refused with the fix.
     """
+    from cwa.evaluation.lm_head import second_order  # the chunked head stays differentiable
+
     impl = attention_implementation(model)
     if impl == "eager":
-        yield "eager"
+        with second_order():
+            yield "eager"
         return
     if impl == "sdpa":
         from torch.nn.attention import SDPBackend, sdpa_kernel
 
-        with sdpa_kernel([SDPBackend.MATH]):
+        with sdpa_kernel([SDPBackend.MATH]), second_order():
             yield "sdpa (math backend)"
         return
     raise UnsupportedArchitecture(
