@@ -6,13 +6,14 @@ same calibration batch (16 x 256 tokens by default) goes through
 * ``bare``: ``model(input_ids, labels=input_ids).loss.backward()`` -- what any training or
   gradient script does, with [batch, tokens, vocab] float32 logits and their gradient;
 * ``cwa``: :func:`cwa.metrics.scoring.score_model` with ``grad_x_weight`` (calibration loss,
-  gradients, |w * g| for every weight, the score file written tensor by tensor), which runs the
-  LM head chunk by chunk (:mod:`cwa.evaluation.lm_head`).
+  gradients, |w * g| for every weight, statistics, the score file written tensor by tensor),
+  which runs the LM head chunk by chunk (:mod:`cwa.evaluation.lm_head`).
 
 Each variant runs in its own fresh process, one thread; peak memory is the process's resident
 high-water mark during the computation minus its resident size just before it; time is the
-process's CPU time (best of two passes), which other load on a shared machine does not inflate. Prints both
-and the ratios side by side (targets: memory ratio <= 0.6, throughput ratio >= 1).
+process's CPU time (best of two passes), which other load on a shared machine does not
+inflate. Prints both and the ratios side by side (targets: memory ratio <= 0.6, throughput
+ratio >= 1).
 
     python benchmarks/bench_score_memory.py [--vocab 32000] [--batch 16] [--seq 256]
 """
