@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from cwa.errors import InvalidInput
-from cwa.lifecycle import RunContext, RunOutcome, StageOutput, execute_stage
+from cwa.lifecycle import RunContext, RunOutcome, StageOutput
 from cwa.progress import NULL_REPORTER, Reporter
 from cwa.stages.common import check_positive
 from cwa.stages.score import SCORE_FILE
@@ -208,4 +208,6 @@ def run_rank(
             )
         return StageOutput(tables={"ranked_weights": frame}, metrics=metrics, value=frame)
 
-    return execute_stage(store, request, compute, reporter=reporter, mlflow=mlflow)
+    from cwa.distributed import run_stage  # execute_stage on every rank of a torchrun world
+
+    return run_stage(store, request, compute, reporter=reporter, mlflow=mlflow)
