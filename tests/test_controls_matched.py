@@ -128,6 +128,12 @@ def test_grouped_bottom_k_equals_brute_force_per_group(mode, key):
     scores = {n: torch.randn(p.shape, generator=gen) for n, p in model.named_parameters()}
     counts = {label: 1 + i % 4 for i, label in enumerate(groups)}
     chosen = bottom_k_by_group(((e.name, scores[e.name]) for e in scope), groups, counts, key=key)
+    # the reader form works through buckets of groups sharing tensors: the same selection
+    reader = lambda entries: ((e.name, scores[e.name]) for e in entries)  # noqa: E731
+    by_bucket = bottom_k_by_group(reader, groups, counts, key=key)
+    assert {n: v.tolist() for n, v in by_bucket.items()} == {
+        n: v.tolist() for n, v in chosen.items()
+    }
     # brute force: every element's group label from element_groups, one full sort per group
     expected: dict[str, list[tuple]] = {}
     for position, (name, s) in enumerate(scores.items()):

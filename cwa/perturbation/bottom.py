@@ -10,8 +10,8 @@ per-group ranking: every group's count, from that group's elements, reading each
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
-from typing import Literal
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import Any, Literal
 
 import torch
 
@@ -174,7 +174,7 @@ def bottom_k(
 
 
 def bottom_k_by_group(
-    scores: Iterable[tuple[str, torch.Tensor]],
+    scores: Iterable[tuple[str, torch.Tensor]] | Callable[[Sequence[ScopeEntry]], Iterable[Any]],
     groups: Mapping[str, Sequence[ScopeEntry]],
     counts: Mapping[str, int],
     *,
@@ -182,8 +182,12 @@ def bottom_k_by_group(
     key: Literal["abs", "value"] = "abs",
 ) -> Selection:
     """For every group label in ``counts``, its ``counts[label]`` least sensitive weights drawn
-    from ``groups[label]``; the union. ``scores`` is read once (each tensor feeds every group
-    holding part of it), so a head ranking does not re-read a layer's tensors per head.
+    from ``groups[label]``; the union.
+
+    ``scores`` yields (name, score tensor), read once: each tensor feeds every group holding
+    part of it. Or it is a reader ``scores(entries) -> (name, scores)`` pairs: then the groups
+    are worked through in buckets of groups over the same tensors (a layer's head groups), each
+    bucket reading its tensors once, so only one bucket's masks are alive at a time.
 
     With ``zeros="exclude"`` a group with fewer non-zero scores than its count takes all of
     them and fills the rest with its zero-score weights in scope order (``info["zero_filled"]``
@@ -191,22 +195,50 @@ def bottom_k_by_group(
     are all zero has nothing else to offer.
     """
     key = _check_key(key, False)
+    for label in counts:
+        if label not in groups:
+            raise InvalidInput(f"group {label!r} has no weights in scope to draw a control from")
+    parts: list[Selection] = []
+    zero_filled: dict[str, int] = {}
+    if callable(scores):
+        buckets: dict[tuple[str, ...], list[str]] = {}
+        for label in counts:
+            names_of = getattr(groups, "tensor_names", None)
+            names = names_of(label) if names_of else tuple(e.name for e in groups[label])
+            buckets.setdefault(tuple(names), []).append(label)
+        for labels in buckets.values():
+            entries = {label: check_scope(groups[label]) for label in labels}
+            items = scores(entries[labels[0]])
+            _bottom_of_groups(items, entries, counts, zeros, key, parts, zero_filled)
+    else:
+        entries = {label: check_scope(groups[label]) for label in counts}
+        _bottom_of_groups(scores, entries, counts, zeros, key, parts, zero_filled)
+    info = {"key": key, "zeros": zeros, "groups": dict(counts), "zero_filled": zero_filled}
+    return _union(parts, "bottom_k", info)
+
+
+def _bottom_of_groups(
+    scores: Iterable[tuple[str, torch.Tensor]],
+    entries: Mapping[str, list[ScopeEntry]],
+    counts: Mapping[str, int],
+    zeros: str,
+    key: str,
+    parts: list[Selection],
+    zero_filled: dict[str, int],
+) -> None:
+    """bottom_k of the groups in ``entries`` from one pass over ``scores``, into ``parts``."""
     merges: dict[str, _BottomMerge] = {}
     fills: dict[str, _BottomMerge] = {}
     by_name: dict[str, list[_BottomMerge]] = {}
-    for label, k in counts.items():
-        if label not in groups:
-            raise InvalidInput(f"group {label!r} has no weights in scope to draw a control from")
-        entries = check_scope(groups[label])
-        merges[label] = _BottomMerge(entries, int(k), zeros, key)
-        fills[label] = _BottomMerge(entries, int(k), "only", key)
-        for entry in groups[label]:
+    for label, group_entries in entries.items():
+        k = int(counts[label])
+        merges[label] = _BottomMerge(group_entries, k, zeros, key)
+        fills[label] = _BottomMerge(group_entries, k, "only", key)
+        for entry in group_entries:
             by_name.setdefault(entry.name, []).extend([merges[label], fills[label]])
     for name, score in scores:
         for merge in by_name.get(name, ()):
             merge.offer(name, score)
-    parts = []
-    zero_filled: dict[str, int] = {}
     for label, merge in merges.items():
         if zeros == "include" or merge.n_candidates >= merge.k:
             parts.append(merge.result(label))
@@ -221,5 +253,3 @@ def bottom_k_by_group(
         parts.append(merge.held())
         parts.append(fill.held(need))
         zero_filled[label] = need
-    info = {"key": key, "zeros": zeros, "groups": dict(counts), "zero_filled": zero_filled}
-    return _union(parts, "bottom_k", info)

@@ -38,9 +38,8 @@ def _random_k(request: SelectionRequest) -> Selection:
 
 def _bottom_k(request: SelectionRequest) -> Selection:
     assert request.counts is not None
-    return bottom_k_by_group(
-        request.scores(request.scope), request.groups, request.counts, key=request.key
-    )
+    # The reader form: groups are worked through a few tensors at a time (bounded memory).
+    return bottom_k_by_group(request.scores, request.groups, request.counts, key=request.key)
 
 
 def _all_k(request: SelectionRequest) -> Selection:

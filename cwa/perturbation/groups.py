@@ -24,7 +24,7 @@ the very same groups, so both ask this module and cannot disagree. Labels:
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -108,31 +108,62 @@ def element_groups(
     return labels, ids
 
 
-def group_scopes(
-    arch: Any, scope: Sequence[Any], mode: str, head_grouping: str = "kv"
-) -> dict[str, list[Any]]:
+class GroupScopes(Mapping[str, list[Any]]):
     """Group label -> the scope entries (with masks) of that group's in-scope elements.
 
-    Groups appear in order of first appearance in ``scope``; inside a group, entries keep the
-    scope's order. Elements outside every group are in no entry.
+    Built on access: only the tensors holding each group are remembered, and a group's masks
+    exist while its entries are in use. A head ranking of a 7B model has hundreds of groups
+    whose full-size masks would not fit in memory at once (see ``bottom_k_by_group``, which
+    works through them a few tensors at a time). Groups iterate in order of first appearance
+    in the scope; inside a group, entries keep the scope's order.
     """
-    from cwa.perturbation.scope import ScopeEntry
 
-    out: dict[str, list[Any]] = {}
-    for entry in scope:
-        labels, ids = element_groups(arch, entry.name, mode, head_grouping)
-        if ids is None:
-            out.setdefault(labels[0], []).append(ScopeEntry(entry.name, entry.numel, entry.mask))
-            continue
-        in_scope = None if entry.mask is None else entry.mask.numpy()
-        for i, label in enumerate(labels):
-            member = ids == i
-            if in_scope is not None:
-                member &= in_scope
-            if member.any():
-                mask = torch.from_numpy(member)
-                out.setdefault(label, []).append(ScopeEntry(entry.name, entry.numel, mask))
-    return out
+    def __init__(self, arch: Any, scope: Sequence[Any], mode: str, head_grouping: str) -> None:
+        self._arch, self._mode, self._head_grouping = arch, mode, head_grouping
+        self._members: dict[str, list[Any]] = {}  # label -> scope entries holding part of it
+        for entry in scope:
+            labels, ids = element_groups(arch, entry.name, mode, head_grouping)
+            if ids is not None:
+                in_scope = ids if entry.mask is None else ids[entry.mask.numpy()]
+                present = set(np.unique(in_scope[in_scope >= 0]).tolist())
+                labels = [label for i, label in enumerate(labels) if i in present]
+            for label in labels:
+                self._members.setdefault(label, []).append(entry)
+
+    def tensor_names(self, label: str) -> tuple[str, ...]:
+        """Names of the parameters holding part of group ``label`` (no masks built)."""
+        return tuple(entry.name for entry in self._members[label])
+
+    def __getitem__(self, label: str) -> list[Any]:
+        from cwa.perturbation.scope import ScopeEntry
+
+        out = []
+        for entry in self._members[label]:
+            labels, ids = element_groups(self._arch, entry.name, self._mode, self._head_grouping)
+            if ids is None:
+                out.append(ScopeEntry(entry.name, entry.numel, entry.mask))
+                continue
+            member = ids == labels.index(label)
+            if entry.mask is not None:
+                member &= entry.mask.numpy()
+            out.append(ScopeEntry(entry.name, entry.numel, torch.from_numpy(member)))
+        return out
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._members)
+
+    def __len__(self) -> int:
+        return len(self._members)
+
+    def __contains__(self, label: object) -> bool:
+        return label in self._members
+
+
+def group_scopes(
+    arch: Any, scope: Sequence[Any], mode: str, head_grouping: str = "kv"
+) -> GroupScopes:
+    """The groups of rank ``mode`` over ``scope`` (see :class:`GroupScopes`)."""
+    return GroupScopes(arch, scope, mode, head_grouping)
 
 
 def count_by_group(
