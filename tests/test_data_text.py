@@ -107,7 +107,8 @@ def test_hub_spec_offline_is_one_line_data_error(monkeypatch):
     import datasets
     import huggingface_hub.constants
 
-    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
+    # (datasets < 2.19 has no HF_HUB_OFFLINE; it reads HF_DATASETS_OFFLINE, set in conftest)
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True, raising=False)
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
     with pytest.raises(DataError) as err:
         load_texts("hf:cwa-test/definitely-not-a-dataset:train:text")

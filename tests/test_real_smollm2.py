@@ -92,37 +92,46 @@ def test_loads_through_gguf_with_the_right_architecture(loaded, smollm2_gguf) ->
     assert q.numel == 576 * 576 and k.numel == 192 * 576  # 9 x 64 query rows, 3 x 64 key rows
     # A folder holding exactly one .gguf file names it as well.
     assert find_gguf(str(smollm2_gguf.parent)).path == smollm2_gguf
-    text = loaded.tokenizer.decode(loaded.tokenizer("The harbour town")["input_ids"])
-    assert text == "The harbour town"
+    ids = loaded.tokenizer("The harbour town")["input_ids"]
+    assert loaded.tokenizer.decode(ids, skip_special_tokens=True) == "The harbour town"
 
 
-def _windows_by_hand(model, stream: list[int], seq_len: int) -> tuple[float, int]:
-    """Non-overlapping windows, each scored with transformers' own shifted-label loss."""
+def _windows_by_hand(
+    model, stream: list[int], seq_len: int, bos: int | None
+) -> tuple[float, int]:
+    """Non-overlapping windows, each scored with transformers' own shifted-label loss; with a
+    BOS convention each window is BOS + seq_len - 1 tokens and BOS is never a target."""
     total, count = 0.0, 0
+    span = seq_len if bos is None else seq_len - 1
     with torch.no_grad():
-        for begin in range(0, len(stream), seq_len):
-            window = torch.tensor([stream[begin : begin + seq_len]])
+        for begin in range(0, len(stream), span):
+            piece = stream[begin : begin + span]
+            window = torch.tensor([piece if bos is None else [bos, *piece]])
+            labels = window.clone()
             if window.shape[1] < 2:
                 continue
-            loss = model(input_ids=window, labels=window).loss  # mean over len - 1 targets
+            loss = model(input_ids=window, labels=labels).loss  # mean over len - 1 targets
             total += float(loss) * (window.shape[1] - 1)
             count += window.shape[1] - 1
     return total, count
 
 
 def test_perplexity_on_english_prose_is_sane_and_matches_a_hand_computation(loaded) -> None:
-    from cwa.data.calibration import adds_bos
+    from cwa.data.calibration import bos_for
     from cwa.data.text import load_text_file, token_stream
     from cwa.evaluation.runner import evaluate_model
 
-    assert not adds_bos(loaded.tokenizer)  # SmolLM2 prepends no BOS: plain windows
+    # The GGUF tokenizer prepends no BOS under transformers 5 (TokenizersBackend) but does
+    # (<|im_start|>) under transformers 4.56's LlamaTokenizerFast: follow whichever it is.
+    bos = bos_for(loaded.tokenizer)
     rows = evaluate_model(
         loaded.model, loaded.tokenizer, f"perplexity:{PROSE}", seq_len=128, batch_size=4
     )
     got = {r["metric"]: r["value"] for r in rows}
     stream = token_stream(loaded.tokenizer, load_text_file(PROSE)).tolist()
-    total, count = _windows_by_hand(loaded.model, stream, 128)
+    total, count = _windows_by_hand(loaded.model, stream, 128, bos)
     assert got["tokens"] == count and count > 500  # the whole file, not a tail
+    assert count == len(stream) - (0 if bos is not None else math.ceil(len(stream) / 128))
     assert got["nll"] == pytest.approx(total / count, abs=2e-4)
     assert math.isfinite(got["perplexity"]) and 5.0 < got["perplexity"] < 100.0
     print(f"SmolLM2-135M-Instruct Q4_1 perplexity on english_prose.txt: {got['perplexity']:.3f}")
