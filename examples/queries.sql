@@ -108,3 +108,15 @@ SELECT run_id, selection, seed, group_key, treatment_k, selected_k,
 FROM condition_group_counts
 WHERE role = 'control'
 ORDER BY run_id DESC, group_key, selection, seed;
+
+-- name: report_pages
+-- Where is each report page, and how many runs (of which stages) does it show?
+SELECT r.run_id, r.created_at, r.experiment, a.name AS page, a.bytes,
+       count(p.parent_run_id) AS runs_shown,
+       string_agg(DISTINCT p.role, ', ' ORDER BY p.role) AS stages_shown
+FROM runs r
+JOIN run_artifacts a ON a.run_id = r.run_id AND a.kind = 'report'
+LEFT JOIN run_parents p ON p.run_id = r.run_id
+WHERE r.stage = 'report' AND r.status = 'succeeded'
+GROUP BY ALL
+ORDER BY r.run_id DESC;
