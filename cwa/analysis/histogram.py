@@ -27,7 +27,6 @@ bin over the binades its scores span (typically a few tens of KiB).
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -49,16 +48,58 @@ def key_edges(keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return lower, upper
 
 
-@dataclass
 class LogHistogram:
-    """Counts and exact masses per bin over keys [lo, lo + len(counts)), plus min and max."""
+    """Counts and masses per bin over keys [lo, lo + len(counts)), plus min, max and the exact
+    sum of the values.
 
-    lo: int = 0
-    counts: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
-    mass: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.float64))
-    vmin: float = math.inf
-    vmax: float = -math.inf
-    exact_total: float = 0.0  # exact sum of the values (bin masses may be estimates)
+    Added bins are kept as a list and laid over one key range when first read (``lo``,
+    ``counts``, ``mass``), so merging many small histograms into a group costs one
+    allocation rather than one copy per merge.
+    """
+
+    def __init__(self) -> None:
+        self._lo = 0
+        self._counts = np.zeros(0, dtype=np.int64)
+        self._mass = np.zeros(0, dtype=np.float64)
+        self._pending: list[tuple[int, np.ndarray, np.ndarray]] = []
+        self.vmin = math.inf
+        self.vmax = -math.inf
+        self.exact_total = 0.0  # exact sum of the values (bin masses may be estimates)
+
+    def _settle(self) -> None:
+        if not self._pending:
+            return
+        parts = self._pending
+        if self._counts.size:
+            parts = [(self._lo, self._counts, self._mass), *parts]
+        lo = min(p[0] for p in parts)
+        hi = max(p[0] + p[1].size for p in parts)
+        counts = np.zeros(hi - lo, dtype=np.int64)
+        mass = np.zeros(hi - lo, dtype=np.float64)
+        for start, c, m in parts:
+            counts[start - lo : start - lo + c.size] += c
+            mass[start - lo : start - lo + m.size] += m
+        self._lo, self._counts, self._mass, self._pending = lo, counts, mass, []
+
+    def parts(self) -> list[tuple[int, np.ndarray, np.ndarray]]:
+        """The (lo, counts, mass) pieces whose sum the histogram is, without merging them."""
+        settled = [(self._lo, self._counts, self._mass)] if self._counts.size else []
+        return settled + self._pending
+
+    @property
+    def lo(self) -> int:
+        self._settle()
+        return self._lo
+
+    @property
+    def counts(self) -> np.ndarray:
+        self._settle()
+        return self._counts
+
+    @property
+    def mass(self) -> np.ndarray:
+        self._settle()
+        return self._mass
 
     @property
     def n(self) -> int:
@@ -78,30 +119,24 @@ class LogHistogram:
         exact: float | None = None,
     ) -> None:
         """Add bins given over keys [lo, lo + len(counts)); ``exact`` is the exact sum of
-        their values when ``mass`` holds estimates (None: ``mass`` is exact)."""
+        their values when ``mass`` holds estimates (None: ``mass`` is exact). The arrays are
+        read, not copied, when the histogram is next read: do not change them in between."""
         if counts.size == 0:
             return
         self.exact_total += float(mass.sum()) if exact is None else exact
-        if self.counts.size == 0:
-            self.lo = lo
-            self.counts = counts.astype(np.int64, copy=True)
-            self.mass = mass.astype(np.float64, copy=True)
-        else:
-            new_lo = min(self.lo, lo)
-            new_hi = max(self.lo + self.counts.size, lo + counts.size)
-            if new_lo != self.lo or new_hi != self.lo + self.counts.size:
-                grown_c = np.zeros(new_hi - new_lo, dtype=np.int64)
-                grown_m = np.zeros(new_hi - new_lo, dtype=np.float64)
-                grown_c[self.lo - new_lo : self.lo - new_lo + self.counts.size] = self.counts
-                grown_m[self.lo - new_lo : self.lo - new_lo + self.mass.size] = self.mass
-                self.lo, self.counts, self.mass = new_lo, grown_c, grown_m
-            self.counts[lo - self.lo : lo - self.lo + counts.size] += counts
-            self.mass[lo - self.lo : lo - self.lo + mass.size] += mass
+        self._pending.append((int(lo), counts, mass))
         self.vmin = min(self.vmin, vmin)
         self.vmax = max(self.vmax, vmax)
 
     def merge(self, other: LogHistogram) -> None:
-        self.add_bins(other.lo, other.counts, other.mass, other.vmin, other.vmax, other.exact_total)
+        """Add another histogram (its pieces, by reference)."""
+        pieces = other.parts()
+        if not pieces:
+            return
+        self._pending.extend(pieces)
+        self.exact_total += other.exact_total
+        self.vmin = min(self.vmin, other.vmin)
+        self.vmax = max(self.vmax, other.vmax)
 
     # -- statistics ----------------------------------------------------------------------
     def quantile(self, q: float) -> float | None:
@@ -204,19 +239,21 @@ def batch_stats(
 
 
 def _batch(hists: list[LogHistogram], quantiles: tuple[float, ...]) -> list[dict]:
-    live = [h for h in hists if h.counts.size]
-    if not live:
+    pieces = [h.parts() for h in hists]
+    starts = [p[0] for group in pieces for p in group]
+    if not starts:
         return [_empty(quantiles) for _ in hists]
-    lo = min(h.lo for h in live)
-    width = max(h.lo + h.counts.size for h in live) - lo
+    lo = min(starts)
+    width = max(p[0] + p[1].size for group in pieces for p in group) - lo
     counts = np.zeros((len(hists), width), dtype=np.int64)
     mass = np.zeros((len(hists), width), dtype=np.float64)
     vmin = np.full(len(hists), np.inf)
     vmax = np.full(len(hists), -np.inf)
-    for i, h in enumerate(hists):
-        if h.counts.size:
-            counts[i, h.lo - lo : h.lo - lo + h.counts.size] = h.counts
-            mass[i, h.lo - lo : h.lo - lo + h.mass.size] = h.mass
+    for i, (h, group) in enumerate(zip(hists, pieces, strict=True)):
+        for start, c, m in group:  # the pieces go straight into the matrix (no merge first)
+            counts[i, start - lo : start - lo + c.size] += c
+            mass[i, start - lo : start - lo + m.size] += m
+        if group:
             vmin[i], vmax[i] = h.vmin, h.vmax
     n = counts.sum(axis=1)
     total = mass.sum(axis=1)

@@ -66,7 +66,7 @@ class _Groups:
         return found
 
     def merge(self, level: str, key: str, hist: Any, **meta: Any) -> None:
-        if hist.n:
+        if hist.parts():
             self.get(level, key, **meta).hist.merge(hist)
 
 
@@ -78,15 +78,16 @@ def _sub_hist(bins: Any, rows: slice) -> Any:
     """LogHistogram of some rows of a tensor's fine-group bins (trimmed to occupied keys)."""
     from cwa.analysis.histogram import LogHistogram
 
-    counts = bins.counts[rows].sum(axis=0)
     hist = LogHistogram()
-    occupied = np.flatnonzero(counts)
-    if occupied.size:
-        first, last = int(occupied[0]), int(occupied[-1]) + 1
+    if rows.stop - rows.start == 1 or (rows.start == 0 and bins.counts.shape[0] == 1):
+        counts, mass = bins.counts[rows.start], bins.mass[rows.start]  # views, no sum
+    else:
+        counts, mass = bins.counts[rows].sum(axis=0), bins.mass[rows].sum(axis=0)
+    if counts.any():
         hist.add_bins(
-            bins.lo + first,
-            counts[first:last],
-            bins.mass[rows].sum(axis=0)[first:last],
+            bins.lo,
+            counts,
+            mass,
             float(bins.vmin[rows].min()),
             float(bins.vmax[rows].max()),
             float(bins.exact[rows].sum()),
@@ -119,8 +120,8 @@ def _profile_tensor(groups: _Groups, arch: Any, name: str, tensor: Any, exact_li
     bins = tensor_fine_bins(arch, name, tensor)
     if bins is None:
         return
-    whole = _sub_hist(bins, slice(None))
-    if whole.n == 0:
+    whole = _sub_hist(bins, slice(0, bins.counts.shape[0]))
+    if not whole.parts():
         return
     layer = info.layer
     comps = info.components
