@@ -9,12 +9,13 @@ its *spike ratio* max_j a_j / median_j a_j, and the same for the output.
 Candidates. A projection yields a candidate only when BOTH spike ratios reach
 ``spike_threshold``: the super weight is W[i*, j*] with j* = argmax a (the input spike) and
 i* = argmax b (the output spike). Default threshold 50, because: the ratio compares the spiking
-channel with the median channel's own maximum over all tokens (already a tail statistic, so
-ordinary projections sit at ratios of about 2-20: 3-6 in random models, up to ~15 in the
-trained projections we measured), while a super weight produces the "massive activation" of
-Sun et al. 2024 and Yu et al. 2024 -- hundreds to thousands of times typical activations, i.e.
-ratios in the hundreds. 50 sits a factor ~3 above ordinary variation and a factor of several
-below real spikes; change it with the ``spike_threshold`` option.
+channel with the median channel's own maximum over all tokens (already a tail statistic), so
+ordinary projections sit at ratios of about 2-25: 2-6 in random and toy models, and in
+SmolLM2-135M (512 tokens of English prose) 3-24 in 23 of its 30 layers; a super weight produces
+the "massive activation" of Sun et al. 2024 and Yu et al. 2024 -- hundreds to thousands of
+times typical activations: SmolLM2's spiking layers reach input/output ratios of 129/186
+(layer 2), 3097/478 (layer 11) and 536/376 (layer 28). 50 sits a factor ~2 above the largest
+ordinary ratio and well below real spikes; change it with the ``spike_threshold`` option.
 
 Iterative detection (``rounds``, default 3): after a round, the weights found so far are set to
 zero and the calibration set is run again; a projection whose spikes still clear the threshold
