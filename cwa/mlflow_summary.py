@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from cwa.file_digest import file_sha256
 from cwa.store.runs import RunRecord
 
 if TYPE_CHECKING:
@@ -109,14 +110,6 @@ def _digest(*parts: Any) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-def _file_digest(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()[:16]
-
-
 def _calibration(run: RunRecord) -> DatasetSpec | None:
     data = run.config.get("data")
     if not isinstance(data, dict) or not data.get("source"):
@@ -132,7 +125,7 @@ def _calibration(run: RunRecord) -> DatasetSpec | None:
         path = Path(source)
         kind, name = "local", path.name
         # The file's content identifies the data; the sampling settings pick from it.
-        content = _file_digest(path) if path.is_file() else "missing"
+        content = file_sha256(path)[:16] if path.is_file() else "missing"
         digest = _digest(content, sample)
         source = str(path.resolve()) if path.exists() else source
     return DatasetSpec(name, digest, kind, source, "calibration", {k: v for k, v in sample.items()})

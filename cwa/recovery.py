@@ -15,7 +15,6 @@ run registers; its partial artifact folder is then removed, unless it holds pend
 
 from __future__ import annotations
 
-import hashlib
 import json
 import shutil
 from dataclasses import dataclass, field
@@ -24,6 +23,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from cwa.errors import InvalidInput
+from cwa.file_digest import file_sha256
 
 if TYPE_CHECKING:
     from cwa.store.store import Store
@@ -79,7 +79,7 @@ def write_pending(store: Store, pending: Any) -> None:
             if name.split("/")[0] == PENDING_DIR:
                 continue
             kind = pending.artifact_kinds.get(name, _guess_kind(name))
-            artifacts.append((pending.run_id, name, kind, path.stat().st_size, _sha256(path)))
+            artifacts.append((pending.run_id, name, kind, path.stat().st_size, file_sha256(path)))
     with store.write() as con:
         for table, arrow in pending.tables.items():
             con.register("_cwa_rows", arrow)
@@ -121,14 +121,6 @@ def _guess_kind(name: str) -> str:
         ".parquet": "table",
         ".json": "data",
     }.get(suffix, "other")
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def pending_dir(store: Store, run_id: str) -> Path:

@@ -21,6 +21,7 @@ from typing import Any
 
 from cwa import __version__
 from cwa.errors import InvalidInput, StoreVersionError
+from cwa.file_digest import file_sha256
 from cwa.store import migrations as mig
 from cwa.store.runs import resolve_run_id
 from cwa.store.store import Store
@@ -157,16 +158,6 @@ def _check_schema(exported: list[dict[str, str]], target: list[dict[str, str]], 
     )
 
 
-def _sha256(path: Path) -> str:
-    import hashlib
-
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def _verify_artifacts(folder: Path, listed: list[dict[str, Any]], ids: set[str]) -> None:
     for item in listed:
         if item["run_id"] not in ids:
@@ -174,7 +165,7 @@ def _verify_artifacts(folder: Path, listed: list[dict[str, Any]], ids: set[str])
         path = folder / "artifacts" / item["run_id"] / item["name"]
         if not path.is_file():
             raise InvalidInput(f"export is missing artifact {item['run_id']}/{item['name']}")
-        if item.get("sha256") and _sha256(path) != item["sha256"]:
+        if item.get("sha256") and file_sha256(path) != item["sha256"]:
             raise InvalidInput(
                 f"artifact {item['run_id']}/{item['name']} does not match its sha256; the export "
                 "is damaged: export again"
