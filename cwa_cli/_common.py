@@ -37,6 +37,14 @@ def open_store(ctx: typer.Context, *, must_exist: bool = False):
     return Store.open(path)
 
 
+def existing_store(ctx: typer.Context):
+    """The store of ``--store`` / ``CWA_STORE`` for commands that read or manage runs; refuses
+    (``StoreNotFound``) rather than create an empty store."""
+    from cwa.store import Store
+
+    return Store.open_existing(state(ctx).store)
+
+
 def mlflow_flag(ctx: typer.Context) -> bool | None:
     return state(ctx).mlflow
 

@@ -9,6 +9,7 @@ import typer
 
 from cwa_cli import _output
 from cwa_cli._boundary import error_boundary
+from cwa_cli._common import existing_store
 from cwa_cli._state import state
 
 app = typer.Typer(help="Inspect and migrate the experiment store.", no_args_is_help=True)
@@ -127,10 +128,9 @@ def gc_cmd(
 
     Example: cwa db gc --dry-run
     """
-    from cwa.store import Store
     from cwa.store.transfer import collect_garbage
 
-    result = collect_garbage(Store.open_existing(state(ctx).store), dry_run=dry_run)
+    result = collect_garbage(existing_store(ctx), dry_run=dry_run)
     if state(ctx).json:
         _output.emit_json(
             {

@@ -10,16 +10,10 @@ import typer
 
 from cwa_cli import _output
 from cwa_cli._boundary import error_boundary
-from cwa_cli._common import reporter_for
+from cwa_cli._common import existing_store, reporter_for
 from cwa_cli._state import state
 
 app = typer.Typer(help="Mirror runs to MLflow and open the MLflow UI.", no_args_is_help=True)
-
-
-def _store(ctx: typer.Context):
-    from cwa.store import Store
-
-    return Store.open_existing(state(ctx).store)
 
 
 @app.command("sync")
@@ -49,7 +43,7 @@ def sync_cmd(
 
     with reporter_for(ctx) as reporter:
         done = sync_runs(
-            _store(ctx), runs or [], copy_scores=copy_scores or None, reporter=reporter
+            existing_store(ctx), runs or [], copy_scores=copy_scores or None, reporter=reporter
         )
     if state(ctx).json:
         _output.emit_json([{"run_id": r, "mlflow_run_id": m} for r, m in done])
@@ -80,7 +74,7 @@ def ui_cmd(
     from cwa.mlflow_sync import experiment_url
     from cwa.store import list_runs
 
-    store = _store(ctx)
+    store = existing_store(ctx)
     if experiment is None:
         newest = list_runs(store, limit=1)
         experiment = newest[0].experiment if newest else "default"

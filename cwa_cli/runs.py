@@ -8,6 +8,7 @@ import typer
 
 from cwa_cli import _output, runs_manage, runs_recover
 from cwa_cli._boundary import error_boundary, fail
+from cwa_cli._common import existing_store
 from cwa_cli._options import ExperimentOpt, LimitOpt, RunRef, StageOpt, StatusOpt
 from cwa_cli._state import state
 
@@ -25,12 +26,6 @@ _STATUS_STYLE = {
 }
 
 
-def _store(ctx: typer.Context):
-    from cwa.store import Store
-
-    return Store.open_existing(state(ctx).store)
-
-
 @app.command("list")
 @error_boundary
 def list_cmd(
@@ -46,7 +41,9 @@ def list_cmd(
     """
     from cwa.store import list_runs
 
-    runs = list_runs(_store(ctx), stage=stage, experiment=experiment, status=status, limit=limit)
+    runs = list_runs(
+        existing_store(ctx), stage=stage, experiment=experiment, status=status, limit=limit
+    )
     if state(ctx).json:
         _output.emit_json([r.to_dict() for r in runs])
         return
@@ -91,7 +88,7 @@ def show_cmd(ctx: typer.Context, run: RunRef) -> None:
     """
     from cwa.store import run_details
 
-    details = run_details(_store(ctx), run)
+    details = run_details(existing_store(ctx), run)
     if state(ctx).json:
         _output.emit_json(details.to_dict())
         return
@@ -147,7 +144,7 @@ def delete_cmd(
     from cwa.store import run_details
     from cwa.store.runs import delete_runs
 
-    store = _store(ctx)
+    store = existing_store(ctx)
     if not yes:
         details = run_details(store, run)
         rid = details.run.run_id

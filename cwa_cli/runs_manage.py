@@ -10,14 +10,8 @@ import typer
 
 from cwa_cli import _output
 from cwa_cli._boundary import error_boundary
-from cwa_cli._common import reporter_for
+from cwa_cli._common import existing_store, reporter_for
 from cwa_cli._state import state
-
-
-def _store(ctx: typer.Context):
-    from cwa.store import Store
-
-    return Store.open_existing(state(ctx).store)
 
 
 def _cell(value) -> str:
@@ -42,7 +36,7 @@ def compare_cmd(
     """
     from cwa.store.compare import compare_runs
 
-    comparison = compare_runs(_store(ctx), runs)
+    comparison = compare_runs(existing_store(ctx), runs)
     if state(ctx).json:
         _output.emit_json(comparison.to_dict())
         return
@@ -80,12 +74,12 @@ def tag_cmd(
     items = parse_tag_items(tags or [])
     if note is not None:
         items[NOTE_KEY] = note
-    run_id, current = set_run_tags(_store(ctx), run, items)
+    run_id, current = set_run_tags(existing_store(ctx), run, items)
     removed = [k for k, v in items.items() if v == ""]
     mirrored = False
     if state(ctx).mlflow is not False:
         with reporter_for(ctx) as reporter:
-            mirrored = push_tags(_store(ctx), run_id, removed, reporter)
+            mirrored = push_tags(existing_store(ctx), run_id, removed, reporter)
     if state(ctx).json:
         _output.emit_json({"run_id": run_id, "tags": current, "mlflow": mirrored})
         return
@@ -107,7 +101,7 @@ def export_cmd(
     """
     from cwa.store.transfer import export_runs
 
-    result = export_runs(_store(ctx), runs, to, with_ancestors=with_ancestors)
+    result = export_runs(existing_store(ctx), runs, to, with_ancestors=with_ancestors)
     if state(ctx).json:
         _output.emit_json(
             {

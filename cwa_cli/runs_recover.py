@@ -7,8 +7,7 @@ from typing import Annotated
 import typer
 
 from cwa_cli._boundary import error_boundary
-from cwa_cli._common import mlflow_flag, print_outcomes, reporter_for
-from cwa_cli._state import state
+from cwa_cli._common import existing_store, mlflow_flag, print_outcomes, reporter_for
 
 
 @error_boundary
@@ -22,9 +21,8 @@ def recover_cmd(
     Example: cwa runs recover 01J9Z3
     """
     from cwa.recovery import recover_run
-    from cwa.store import Store
 
-    store = Store.open_existing(state(ctx).store)
+    store = existing_store(ctx)
     with reporter_for(ctx) as reporter:
         outcome = recover_run(store, run, mlflow=mlflow_flag(ctx), reporter=reporter)
     print_outcomes(ctx, [outcome])
