@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 
@@ -143,3 +144,91 @@ def block_candidates(
         pick = _top_indices(keys, k)
         keys, index = keys[pick], index[pick]
     return index, keys
+
+
+def as_float32(tensor: Any, shape: tuple[int, ...]) -> Any:
+    import torch
+
+    t = tensor if tensor.dtype == torch.float32 else tensor.float()
+    return t.reshape(shape) if shape else t.reshape(-1)
+
+
+def component_blocks(arch: Any, name: str) -> list[tuple[str, Any]]:
+    """(component, how to cut its block out of the tensor) per component of a parameter."""
+    from cwa.models.segments import COMPONENT_INDEX, _axis_profile
+
+    info = arch.params[name]
+    comps = info.components
+    if len(comps) == 1:
+        return [(comps[0], None)]
+    profile = _axis_profile(info)
+    if profile is not None:
+        axis, comp_vec = profile[0], profile[1].numpy()
+        return [(c, ("axis", axis, np.flatnonzero(comp_vec == COMPONENT_INDEX[c]))) for c in comps]
+    comp_ids = arch.component_ids(name).reshape(-1).numpy()
+    return [(c, ("flat", np.flatnonzero(comp_ids == COMPONENT_INDEX[c]))) for c in comps]
+
+
+def block_values(tensor: Any, spec: Any) -> tuple[Any, Any]:
+    """(flat block values, map from block-flat to tensor-flat indices; monotone)."""
+    import torch
+
+    if spec is None:
+        return tensor.reshape(-1), lambda i: i
+    if spec[0] == "flat":
+        index = spec[1]
+        return tensor.reshape(-1)[torch.from_numpy(index)], lambda i: index[i]
+    _, axis, pos = spec
+    shape = tensor.shape
+    before = int(np.prod(shape[:axis])) if axis else 1
+    size = shape[axis]
+    after = int(np.prod(shape[axis + 1 :])) if axis + 1 < len(shape) else 1
+    cube = tensor.reshape(before, size, after)
+    first, last = int(pos[0]), int(pos[-1]) + 1
+    if last - first == pos.size:
+        block = cube[:, first:last]
+    else:
+        block = cube.index_select(1, torch.from_numpy(pos))
+    width = pos.size * after
+
+    def to_tensor(i: np.ndarray) -> np.ndarray:
+        a, rest = np.divmod(i, width)
+        s, b = np.divmod(rest, after)
+        return (a * size + pos[s]) * after + b
+
+    return block.reshape(-1), to_tensor
+
+
+def offer_block(trackers: list, values: Any, to_tensor: Any, offset: int, others: list) -> None:
+    """Candidates of one block for each of its groups' trackers (one scan in most cases)."""
+    from cwa.ranking import _top_indices
+
+    open_ = [t for t in trackers if t.threshold is None]
+    full = [t for t in trackers if t.threshold is not None]
+    shared: tuple[np.ndarray, np.ndarray] | None = None
+    complete = False
+    if open_:
+        k = max(t.k for t in open_)
+        shared = block_candidates(values, k, None)
+        complete = shared[0].size < k  # every valid value of the block
+    else:
+        shared = block_candidates(values, max(t.k for t in full), min(t.threshold for t in full))
+        complete = True  # every value above each tracker's threshold (cut to the largest k)
+    for tracker in trackers:
+        index, keys = shared
+        threshold = tracker.threshold
+        if threshold is not None:
+            if not complete and open_ and keys.size and keys.min() > threshold:
+                # the block has more values above this tracker's threshold than the shared
+                # top-k holds: scan it for this tracker alone
+                index, keys = block_candidates(values, tracker.k, threshold)
+            keep = keys > threshold
+            index, keys = index[keep], keys[keep]
+        if keys.size > tracker.k:
+            pick = _top_indices(keys, tracker.k)
+            index, keys = index[pick], keys[pick]
+        flat = to_tensor(index)
+        payload = np.empty((flat.size, len(others)), dtype=np.float32)
+        for j, other in enumerate(others):
+            payload[:, j] = other[flat]
+        tracker.add(keys, offset + flat, payload)
