@@ -235,20 +235,44 @@ def check_fraction_rank(config: Any) -> None:
         raise InvalidInput(f"--topk {text!r} is not a percentage; write e.g. 50%") from exc
     if not 0 < percent <= 100:
         raise InvalidInput(f"--topk {text!r} must be a percentage in (0, 100]")
-    if config.mode != "global" or config.layers or config.components:
+    if config.mode != "global":
         raise InvalidInput(
-            f"--topk {text} selects a fraction of every scored weight: use --mode global "
-            "without --layers/--components (score a narrower scope instead)"
+            f"--topk {text} selects a fraction of every scored weight in scope: use --mode global"
         )
 
 
+def fraction_scope(arch: Any, header: Any, layers: Any, components: Any) -> list[str] | None:
+    """Tensors a ``--topk N%`` ranking covers, in score-file order (None: every scored tensor).
+
+    The compact artifact selects whole tensors, so a ``--layers/--components`` scope must not
+    cut a fused tensor (e.g. GPT-2 ``c_attn`` for ``attn_q`` alone): refused with the fix.
+    """
+    if not layers and not components:
+        return None
+    chosen = set(arch.select(layers=layers, components=components))
+    names = [name for name in header if name in chosen]
+    for name in names:
+        if arch.scope_mask(name, layers=layers, components=components) is not None:
+            raise InvalidInput(
+                f"--topk N% with --components {','.join(components or [])} would select part "
+                f"of the fused tensor {name!r}; list all of its components or rank by number"
+            )
+    return names
+
+
 def store_selection(
-    ctx: Any, score_path: Path, k: int, *, by: str, bottom: bool
+    ctx: Any,
+    score_path: Path,
+    k: int,
+    *,
+    by: str,
+    bottom: bool,
+    names: Sequence[str] | None = None,
 ) -> dict[str, float]:
     """Write a rank run's compact selection artifact; returns metrics, records the config."""
     out = ctx.artifact_path(SELECTION_FILE, kind="selection")
     ctx.artifact_path(f"{SELECTION_FILE}.json", kind="selection")
-    summary = select_k(score_path, k, out, by=by, bottom=bottom)
+    summary = select_k(score_path, k, out, by=by, bottom=bottom, names=names)
     ctx.record_config(
         selection={
             "artifact": SELECTION_FILE,

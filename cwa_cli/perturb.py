@@ -60,7 +60,9 @@ def perturb_cmd(
     k_values: Annotated[
         str | None,
         typer.Option(
-            "--k-values", help="Numbers of weights for a progressive sweep, e.g. '10,100,1000'."
+            "--k-values",
+            help="Numbers of weights for a progressive sweep, e.g. '10,100,1000', or "
+            "fractions of a pruning-scale ranking (cwa rank --topk N%), e.g. '10%,30%,50%'.",
         ),
     ] = None,
     layers: LayersOpt = None,
@@ -108,6 +110,7 @@ def perturb_cmd(
         return
     from cwa.errors import UsageError
     from cwa.parsing import parse_float_list, parse_int_list, parse_name_list, parse_seeds
+    from cwa.ranking_prefix import parse_k_values
     from cwa.stages.perturb import PerturbConfig, parse_heads, run_perturb, validate_config
 
     if scale is not None and scales is not None:
@@ -120,7 +123,7 @@ def perturb_cmd(
         controls=parse_name_list(controls) or [],
         treatment=treatment,
         seeds=parse_seeds(seeds),
-        k_values=parse_int_list(k_values, what="k"),
+        k_values=parse_k_values(k_values),
         layers=parse_int_list(layers, what="layer"),
         components=parse_name_list(components),
         heads=parse_heads(heads),

@@ -69,7 +69,7 @@ def test_rank_fraction_end_to_end(cli, store_path, toy_env, one_thread) -> None:
 @pytest.mark.parametrize(
     "args",
     [["--topk", "50%", "--mode", "layer"], ["--topk", "0%"], ["--topk", "abc%"],
-     ["--topk", "50%", "--layers", "0"]],
+     ["--topk", "50%", "--components", "attn_q"]],
 )  # fmt: skip
 def test_bad_fraction_registers_nothing(cli, store_path, toy_env, one_thread, args) -> None:
     result = cli("score", "--model", "toy", "--metric", "magnitude")

@@ -22,6 +22,15 @@ from cwa.perturbation.selection import (
 
 def _top_k(request: SelectionRequest) -> Selection:
     ranking = request.ranking
+    if hasattr(ranking, "prefix"):  # a pruning-scale ranking streamed from its artifact
+        import torch
+
+        if not 1 <= request.k <= ranking.height:
+            raise InvalidInput(
+                f"k={request.k} is outside the stored ranking's 1..{ranking.height}; lower k"
+            )
+        parts = {name: torch.from_numpy(idx) for name, idx in ranking.prefix(request.k).items()}
+        return Selection(parts, kind="top_k", info={"n_ranked_rows": ranking.height})
     if ranking.height < request.k:
         raise InvalidInput(
             f"only {ranking.height} ranked weights lie in scope, fewer than k={request.k}; "

@@ -64,7 +64,8 @@ class PerturbConfig:
     bit: int | None = None
     controls: list[str] = field(default_factory=lambda: ["random_k", "bottom_k"])
     seeds: list[int] = field(default_factory=lambda: [0])
-    k_values: list[int] | None = None  # default: every ranked row in scope
+    # Numbers or fractions like "10%" of the rank run's candidates (pruning-scale rankings).
+    k_values: list[int | str] | None = None  # default: every ranked row in scope
     layers: list[int] | None = None
     components: list[str] | None = None
     heads: list[tuple[int, int]] | None = None
@@ -121,10 +122,20 @@ def prepare_perturb(
     rank_run = succeeded_run(store, config.rank_run, "rank")
     score_run = parent_run(store, rank_run, "scores")
     rank_id = rank_run.run_id
-    if rank_run.config.get("bottom"):
+    from cwa.ranking_prefix import is_fraction, selection_artifact
+
+    compact = selection_artifact(store, rank_run)
+    if compact is not None:
+        _check_compact(rank_run, config, options)
+    elif rank_run.config.get("bottom"):
         raise InvalidInput(
             f"rank run {rank_id} ranks the bottom weights; perturb a top-k ranking (the "
             "bottom_k control is built in)"
+        )
+    elif any(is_fraction(k) for k in config.k_values or []):
+        raise InvalidInput(
+            f"--k-values fractions need a pruning-scale ranking; rank run {rank_id} stored "
+            f"{count_ranked(store, rank_id)} rows: re-rank with cwa rank --topk N%"
         )
     mode = rank_run.config.get("mode", "global")
     if mode != "global" and config.k_values:
@@ -172,6 +183,8 @@ def prepare_perturb(
     params = dict(loaded.model.named_parameters())
     for dtype in sorted({params[e.name].dtype for e in scope}, key=str):
         options.method.resolve_bit(config.bit, dtype)  # --bit outside the dtype: refused here
+    if compact is not None:
+        return _compact_plan(store, config, locals())
     ranking = rows_in_scope(ranked_rows(store, rank_id), scope)
     if ranking.height == 0:
         raise InvalidInput(
@@ -201,6 +214,65 @@ def prepare_perturb(
         head_grouping=head_grouping,
         plans=plans,
         parents=parents,
+    )
+
+
+def _check_compact(rank_run: RunRecord, config: PerturbConfig, options: Any) -> None:
+    """A pruning-scale ranking is perturbed as stored: its whole scope, prefixes of its order."""
+    if config.layers or config.components or config.heads:
+        raise InvalidInput(
+            f"rank run {rank_run.run_id} is a pruning-scale ranking (--topk N%); perturb it "
+            "over its own scope (drop --layers/--components/--heads, or rank that scope)"
+        )
+    if rank_run.config.get("bottom") and any(c.name == "bottom_k" for c in options.controls):
+        raise InvalidInput(
+            f"rank run {rank_run.run_id} ranks the bottom weights: its treatment already is "
+            "the least important weights; drop bottom_k from --controls (use random_k)"
+        )
+
+
+def _compact_plan(store: Store, config: PerturbConfig, found: dict[str, Any]) -> PerturbPlan:
+    """The plan of a sweep over prefixes of a stored pruning-scale selection."""
+    from cwa.perturbation.groups import group_scopes
+    from cwa.ranking_prefix import CompactRanking, resolve_k_values, selection_artifact
+    from cwa.stages.score import SCORE_FILE
+
+    rank_run, score_run = found["rank_run"], found["score_run"]
+    info = rank_run.config["selection"]
+    ranking = CompactRanking(
+        selection_artifact(store, rank_run),
+        store.artifacts_dir(score_run.run_id) / SCORE_FILE,
+    )
+    in_scope = {entry.name for entry in found["scope"]}
+    outside = [name for name in ranking.names() if name not in in_scope]
+    if outside:
+        raise InvalidInput(
+            f"rank run {rank_run.run_id} selected weights of {outside[0]!r}, outside the "
+            "perturbation scope; perturb it over the rank run's own scope"
+        )
+    k_values = resolve_k_values(
+        config.k_values,
+        n_candidates=int(info["n_candidates"]),
+        stored_k=int(info["k"]),
+        rank_id=rank_run.run_id,
+    )
+    mode = rank_run.config.get("mode", "global")
+    head_grouping = rank_run.config.get("head_grouping", "kv")
+    return PerturbPlan(
+        options=found["options"],
+        rank_run=rank_run,
+        score_run=score_run,
+        loaded=found["loaded"],
+        scope=found["scope"],
+        scope_record=found["scope_record"],
+        groups=group_scopes(found["loaded"].arch, found["scope"], mode, head_grouping),
+        ranking=ranking,
+        k_values=k_values,
+        key=ranking_key(rank_run, score_run),
+        mode=mode,
+        head_grouping=head_grouping,
+        plans=found["plans"],
+        parents=found["parents"],
     )
 
 

@@ -69,8 +69,10 @@ def validate_config(config: PerturbConfig) -> CheckedOptions:
         raise UsageError(
             f"--bit applies only to methods that flip a bit (bit_flip), not {method.name}"
         )
-    for k in config.k_values or []:
-        check_positive("k-values", k)
+    from cwa.ranking_prefix import check_k_text
+
+    # Numbers or fractions ("10%"): format checked here, fractions resolved against the rank run.
+    config.k_values = [check_k_text(k) for k in config.k_values] if config.k_values else None
     for scale in config.scales or []:
         if not math.isfinite(scale):
             raise InvalidInput(f"--scale {scale} is not a finite number")

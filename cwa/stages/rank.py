@@ -145,8 +145,11 @@ def run_rank(
     topk = config.topk
     fraction = isinstance(topk, str) and topk.endswith("%")
     if fraction:
-        from cwa.ranking_store import ROWS_IN_TABLE, parse_k
+        from cwa.models.architecture import resolve_components
+        from cwa.ranking_store import ROWS_IN_TABLE, fraction_scope, parse_k
 
+        comps = resolve_components(config.components)
+        names = fraction_scope(loaded_model.arch, header, config.layers, comps)
         selected_k = parse_k(topk, largest)
         topk = min(selected_k, ROWS_IN_TABLE)  # the first rows go to ranked_weights
     elif topk == "all":
@@ -204,7 +207,9 @@ def run_rank(
             from cwa.ranking_store import store_selection
 
             metrics.update(
-                store_selection(ctx, score_path, selected_k, by=by, bottom=config.bottom)
+                store_selection(
+                    ctx, score_path, selected_k, by=by, bottom=config.bottom, names=names
+                )
             )
         return StageOutput(tables={"ranked_weights": frame}, metrics=metrics, value=frame)
 
