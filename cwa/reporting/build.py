@@ -100,7 +100,7 @@ def draw_all(
     collected: Iterable[FigureData], out_dir: Path | None, formats: Sequence[str]
 ) -> list[DrawnFigure]:
     """Draw each available figure, embed it as a PNG, and save it in ``formats`` to out_dir."""
-    from cwa.reporting.style import close, figure_bytes, freeze_layout, save_figure
+    from cwa.reporting.style import close, render_formats, write_rendered
 
     drawn: list[DrawnFigure] = []
     for item in collected:
@@ -108,11 +108,12 @@ def draw_all(
         if item.frame is not None:
             fig = draw_function(item.spec)(item.frame, **item.options)
             try:
-                freeze_layout(fig)
-                png = figure_bytes(fig, "png")
-                result.png_base64 = base64.b64encode(png).decode("ascii")
+                # Every format from this one drawing; the PNG (always made) is also embedded.
+                wanted = formats if out_dir is not None else ()
+                rendered = render_formats(fig, wanted)
+                result.png_base64 = base64.b64encode(rendered["png"]).decode("ascii")
                 if out_dir is not None and formats:
-                    result.files = save_figure(fig, out_dir / item.spec.name, formats, png=png)
+                    result.files = write_rendered(rendered, out_dir / item.spec.name, formats)
             finally:
                 close(fig)
         drawn.append(result)

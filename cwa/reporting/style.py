@@ -6,8 +6,10 @@ package costs nothing until a figure is drawn.
 
 from __future__ import annotations
 
+import contextlib
 import functools
-from collections.abc import Callable, Iterable, Sequence
+import io
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -144,19 +146,111 @@ def finish(fig: Figure, ax: Any, *, title: str, xlabel: str, ylabel: str) -> Fig
 
 
 def freeze_layout(fig: Figure) -> None:
-    """Lay the figure out once, then keep that layout for every format it is saved in.
+    """Keep the layout the figure has now for every later save (no layout engine any more).
 
     Constrained layout otherwise re-measures every text on every save, which dominated the
-    report's run time; the positions it found are kept as they are.
+    report's run time. Call it after a first save (``render_formats`` does: the PNG save runs
+    the layout on the renderer that draws it, sharing its text metrics) or after
+    ``fig.draw_without_rendering()``.
     """
-    fig.draw_without_rendering()  # runs the layout engine without rasterising anything
     fig.set_layout_engine("none")
+
+
+# OpenType layout tables (glyph substitution/positioning, maths, baselines, justification): a
+# PDF viewer draws an embedded Type 42 font by glyph id through the CIDToGIDMap and never runs
+# OpenType layout (matplotlib has already placed every glyph), so they are dead weight there,
+# and decompiling them to subset them was most of the PDF's cost. The outlines (glyf/loca),
+# metrics (hmtx), cmap, name, post and hinting tables are kept: the font stays a complete,
+# embedded, subset TrueType font that journals accept.
+_PDF_UNUSED_TABLES = ("GSUB", "GPOS", "GDEF", "MATH", "BASE", "JSTF")
+# Characters every subset carries, so that one subset per font serves all the report's PDFs
+# (labels, numbers, mathtext tick labels such as 10^-3) instead of one subset per PDF.
+_PDF_BASE_CHARS = frozenset(range(0x20, 0x7F)) | frozenset(map(ord, "−×±·µ°≤≥≈–—…²³⁻⁰¹₀"))
+# (font file, face index) -> (subset font bytes, original -> subset glyph ids).
+_SUBSET_CACHE: dict[tuple[str, int], tuple[bytes, dict[int, int]]] = {}
+
+
+class _LeanSubsetModule:
+    """``fontTools.subset`` as matplotlib's PDF backend uses it, minus the layout tables."""
+
+    def __init__(self, module: Any) -> None:
+        self._module = module
+
+    def load_font(self, *args: Any, **kwargs: Any) -> Any:
+        font = self._module.load_font(*args, **kwargs)
+        for tag in _PDF_UNUSED_TABLES:
+            if tag in font:
+                del font[tag]  # never decompiled: the font is loaded lazily
+        return font
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._module, name)
+
+
+def _cached_glyphs_subset(pdf_ps: Any) -> Callable[..., Any]:
+    """A ``get_glyphs_subset`` (matplotlib >= 3.11 API) that subsets each font once.
+
+    The subset holds the requested glyphs plus ``_PDF_BASE_CHARS``; later requests covered by
+    it reuse its bytes, others make a larger one. Each PDF still embeds a subset (tens of kB,
+    not the whole font), the same for every figure.
+    """
+    from fontTools.ttLib import TTFont
+
+    lean = _LeanSubsetModule(pdf_ps.subset)
+
+    def get_glyphs_subset(fontfile: Any, glyphs: Iterable[int]) -> Any:
+        wanted = set(glyphs)
+        key = (str(fontfile), int(getattr(fontfile, "face_index", 0)))
+        cached = _SUBSET_CACHE.get(key)
+        if cached is None or not wanted <= cached[1].keys():
+            have = set(cached[1]) if cached is not None else set()
+            options = lean.Options(glyph_names=True, recommended_glyphs=True)
+            options.drop_tables += ["FFTM", "PfEd", "BDF", "meta"]
+            options.font_number = key[1]
+            font = lean.load_font(str(fontfile), options)
+            subsetter = lean.Subsetter(options=options)
+            subsetter.populate(gids=wanted | have, unicodes=_PDF_BASE_CHARS)
+            subsetter.subset(font)
+            cached = (pdf_ps.font_as_file(font).getvalue(), dict(subsetter.glyph_index_map))
+            font.close()
+            _SUBSET_CACHE[key] = cached
+        data, index_map = cached
+        return pdf_ps.SubsetResults(TTFont(io.BytesIO(data)), index_map)._as_cm()
+
+    return get_glyphs_subset
+
+
+@contextlib.contextmanager
+def _lean_pdf_fonts() -> Iterator[None]:
+    """While saving a PDF, subset its fonts once per process and without layout tables.
+
+    matplotlib offers no option for its subsetter, so its helper module's function (or, on
+    older versions, its reference to fontTools.subset) is swapped for the duration of the save
+    (single-threaded) and restored after. Where neither is found, nothing changes: the fonts
+    are then subset by matplotlib itself, which is correct, only slower.
+    """
+    try:
+        from matplotlib.backends import _backend_pdf_ps as pdf_ps
+    except ImportError:  # pragma: no cover - matplotlib moved its private helper
+        yield
+        return
+    if hasattr(pdf_ps, "SubsetResults") and hasattr(pdf_ps, "get_glyphs_subset"):
+        name, replacement = "get_glyphs_subset", _cached_glyphs_subset(pdf_ps)
+    elif hasattr(getattr(pdf_ps, "subset", None), "load_font"):
+        name, replacement = "subset", _LeanSubsetModule(pdf_ps.subset)
+    else:  # pragma: no cover
+        yield
+        return
+    original = getattr(pdf_ps, name)
+    setattr(pdf_ps, name, replacement)
+    try:
+        yield
+    finally:
+        setattr(pdf_ps, name, original)
 
 
 def figure_bytes(fig: Figure, fmt: str) -> bytes:
     """The figure in one format (PNG at PNG_DPI; PDF/SVG as vectors with fixed metadata)."""
-    import io
-
     kwargs: dict[str, Any] = {"format": fmt}
     if fmt == "png":
         kwargs["dpi"] = PNG_DPI
@@ -167,23 +261,42 @@ def figure_bytes(fig: Figure, fmt: str) -> bytes:
     buffer = io.BytesIO()
     # Font handling is read when saving, not when drawing: TrueType (Type 42) fonts in PDF, as
     # journals ask (no Type 3), and SVG text kept as text (searchable, smaller, faster).
-    with pyplot().rc_context({"pdf.fonttype": 42, "svg.fonttype": "none"}):
+    lean = _lean_pdf_fonts() if fmt == "pdf" else contextlib.nullcontext()
+    with pyplot().rc_context({"pdf.fonttype": 42, "svg.fonttype": "none"}), lean:
         fig.savefig(buffer, **kwargs)
     return buffer.getvalue()
 
 
-def save_figure(
-    fig: Figure, stem: Path, formats: Sequence[str] = FORMATS, *, png: bytes | None = None
+def render_formats(fig: Figure, formats: Sequence[str]) -> dict[str, bytes]:
+    """The figure in each format (always PNG, first), laid out once.
+
+    The PNG save runs the layout engine on the renderer that rasterises it (one text
+    measurement for both); the layout is then frozen, so the PDF and SVG reuse those positions.
+    """
+    rendered = {"png": figure_bytes(fig, "png")}
+    freeze_layout(fig)
+    for fmt in formats:
+        if fmt not in rendered:
+            rendered[fmt] = figure_bytes(fig, fmt)
+    return rendered
+
+
+def write_rendered(
+    rendered: dict[str, bytes], stem: Path, formats: Sequence[str] = FORMATS
 ) -> dict[str, Path]:
-    """Write ``stem.<fmt>`` for each format; ``png`` reuses PNG bytes already rendered."""
+    """Write ``stem.<fmt>`` for each of ``formats`` from bytes rendered by ``render_formats``."""
     written: dict[str, Path] = {}
     stem.parent.mkdir(parents=True, exist_ok=True)
     for fmt in formats:
         path = stem.with_suffix(f".{fmt}")
-        data = png if fmt == "png" and png is not None else figure_bytes(fig, fmt)
-        path.write_bytes(data)
+        path.write_bytes(rendered[fmt])
         written[fmt] = path
     return written
+
+
+def save_figure(fig: Figure, stem: Path, formats: Sequence[str] = FORMATS) -> dict[str, Path]:
+    """Write ``stem.<fmt>`` for each format (the figure laid out once, then frozen)."""
+    return write_rendered(render_formats(fig, formats), stem, formats)
 
 
 def close(fig: Figure) -> None:
