@@ -1,6 +1,6 @@
 """Does reporting dominate a run? Report time / score-stage time, measured side by side.
 
-Two stores, each built and reported on in this one process:
+Two stores, each built and reported on in this one run:
 
 1. a full study of the toy model: ``cwa run`` with every analysis switch (one score run per
    seed, k-curve, clustered perturbation, downstream tasks, profile, clusters, correlation,
@@ -10,22 +10,57 @@ Two stores, each built and reported on in this one process:
    scored with grad_x_weight by the real score stage (score file written tensor by tensor, per
    tensor statistics), ranked (top 1,000), then reported.
 
-Printed: each stage's wall and CPU time and the ratios report / score (target < 1); CPU time
-is the fairer measure on a shared machine. The toy study's score stage is run once more right
-before the report so the two are measured side by side. The report is timed cold (its first
-matplotlib import is inside it), in PNG + PDF + SVG, MLflow off.
+Printed: each stage's wall and CPU time and the ratios report / score (target < 1), each the
+median of ``--repeats`` runs, score and report interleaved so both see the same machine load;
+CPU time is the fairer measure on a shared machine. The toy study's score stage (all seeds) is
+timed again here: its first repeat joins the study (so the report shows the same 15 runs as
+before), later repeats go to a separate experiment so every report repeat shows the same runs.
+Each report runs cold in a fresh process, as ``cwa report`` does (matplotlib imported and fonts
+subset inside the timed call), in PNG + PDF + SVG (the default) and PNG only, MLflow off; the
+time is measured inside that process around ``run_report`` (interpreter start not counted).
 
-    python benchmarks/bench_report.py [--skip-124m] [--seeds 0,1,2] [--n-samples 32] [--limit 100]
+    python benchmarks/bench_report.py [--skip-124m] [--seeds 0,1,2] [--n-samples 32] \
+        [--limit 100] [--repeats 3]
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import shutil
+import statistics
+import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
+
+_COLD_REPORT = """
+import json, sys, time
+from cwa.stages.report import ReportConfig, run_report
+from cwa.store import Store
+store = Store.open(sys.argv[1])
+config = ReportConfig(**json.loads(sys.argv[2]))
+start, cpu = time.perf_counter(), time.process_time()
+outcome = run_report(store, config, mlflow=False)
+print(json.dumps({"wall": time.perf_counter() - start, "cpu": time.process_time() - cpu,
+                  "figures": len(outcome.value["figures"]), "runs": len(outcome.value["runs"])}))
+"""
+
+
+def cold_report(store_path: Path, **config: object) -> dict[str, float]:
+    """One report in a fresh interpreter (as the CLI runs it); its wall and CPU seconds."""
+    env = {**os.environ, "CWA_MLFLOW": "0", "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    done = subprocess.run(
+        [sys.executable, "-c", _COLD_REPORT, str(store_path), json.dumps(config)],
+        check=True, capture_output=True, text=True, env=env,
+    )
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def _median(samples: list[dict[str, float]], key: str) -> float:
+    return statistics.median(s[key] for s in samples)
 
 
 def _timed(fn, *args, **kwargs):
@@ -35,11 +70,12 @@ def _timed(fn, *args, **kwargs):
     return value, time.perf_counter() - start, time.process_time() - cpu
 
 
-def toy_study(root: Path, seeds: list[int], n_samples: int, limit: int) -> dict[str, float]:
+def toy_study(
+    root: Path, seeds: list[int], n_samples: int, limit: int, repeats: int
+) -> dict:
     from cwa.stages.common import ModelOptions
     from cwa.stages.pipeline import PipelineConfig, run_pipeline
     from cwa.stages.pipeline_analysis import AnalysisSwitches
-    from cwa.stages.report import ReportConfig, run_report
     from cwa.stages.score import DataOptions
     from cwa.store import Store
 
@@ -61,36 +97,36 @@ def toy_study(root: Path, seeds: list[int], n_samples: int, limit: int) -> dict[
         ),
     )
     result, chain_s, _ = _timed(run_pipeline, store, config, mlflow=False)
-    # The score stage of this study once more, timed beside the report: one run per seed.
     from cwa.models.loading import load_model
     from cwa.stages.score import ScoreConfig, run_score
 
     loaded = load_model("toy", dtype="float32", device="cpu")
-    scores, score_s, score_cpu = _timed(
-        run_score,
-        store,
-        ScoreConfig(model=config.model, data=config.data, seeds=seeds, experiment="toy-study"),
-        mlflow=False,
-        loaded=loaded,
-    )
-    report, report_s, report_cpu = _timed(
-        run_report, store, ReportConfig(experiment="toy-study"), mlflow=False
-    )
-    # The same report with PNG only (matplotlib now warm): what the vector files cost.
-    _, png_s, png_cpu = _timed(
-        run_report, store, ReportConfig(experiment="toy-study", formats=["png"]), mlflow=False
-    )
+    scores, full, png = [], [], []
+    for repeat in range(repeats):
+        # The study's score stage once more (all seeds), then the two reports, interleaved.
+        label = "toy-study" if repeat == 0 else "toy-study-rescore"
+        runs, score_s, score_cpu = _timed(
+            run_score,
+            store,
+            ScoreConfig(model=config.model, data=config.data, seeds=seeds, experiment=label),
+            mlflow=False,
+            loaded=loaded,
+        )
+        scores.append({"wall": score_s, "cpu": score_cpu, "runs": len(runs)})
+        full.append(cold_report(root / "toy_store", experiment="toy-study"))
+        png.append(cold_report(root / "toy_store", experiment="toy-study", formats=["png"]))
     return {
-        "png_s": png_s,
-        "png_cpu": png_cpu,
         "chain_s": chain_s,
-        "score_runs": len(scores),
-        "score_s": score_s,
-        "score_cpu": score_cpu,
-        "report_s": report_s,
-        "report_cpu": report_cpu,
-        "figures": len(report.value["figures"]),
-        "runs": len(report.value["runs"]),
+        "score_runs": scores[0]["runs"],
+        "score_s": _median(scores, "wall"),
+        "score_cpu": _median(scores, "cpu"),
+        "report_s": _median(full, "wall"),
+        "report_cpu": _median(full, "cpu"),
+        "png_s": _median(png, "wall"),
+        "png_cpu": _median(png, "cpu"),
+        "figures": full[0]["figures"],
+        "runs": full[0]["runs"],
+        "samples": {"score": scores, "report": full, "png": png},
     }
 
 
@@ -113,10 +149,9 @@ def gpt2_small(folder: Path) -> Path:
     return folder
 
 
-def large_score_run(root: Path, n_samples: int) -> dict[str, float]:
+def large_score_run(root: Path, n_samples: int, repeats: int) -> dict[str, float]:
     from cwa.stages.common import ModelOptions
     from cwa.stages.rank import RankConfig, run_rank
-    from cwa.stages.report import ReportConfig, run_report
     from cwa.stages.score import DataOptions, ScoreConfig, run_score
     from cwa.store import Store
     from cwa.toy import ensure_toy_data
@@ -142,17 +177,15 @@ def large_score_run(root: Path, n_samples: int) -> dict[str, float]:
         (weights,) = con.execute(
             "SELECT sum(numel) FROM tensor_stats WHERE run_id = ?", [score.run_id]
         ).fetchone()
-    report, report_s, report_cpu = _timed(
-        run_report, store, ReportConfig(runs=[rank.run_id]), mlflow=False
-    )
+    reports = [cold_report(root / "large_store", runs=[rank.run_id]) for _ in range(repeats)]
     return {
         "weights": int(weights),
         "score_s": score_s,
         "score_cpu": score_cpu,
-        "report_cpu": report_cpu,
+        "report_cpu": _median(reports, "cpu"),
         "rank_s": rank_s,
-        "report_s": report_s,
-        "figures": len(report.value["figures"]),
+        "report_s": _median(reports, "wall"),
+        "figures": reports[0]["figures"],
     }
 
 
@@ -164,6 +197,9 @@ def main() -> None:
     parser.add_argument("--large-n-samples", type=int, default=8,
                         help="calibration sequences (x128 tokens) of the 124M score run")
     parser.add_argument("--skip-124m", action="store_true")
+    parser.add_argument("--repeats", type=int, default=3,
+                        help="medians over this many score/report repeats (the 124M score "
+                        "run is timed once, its report --repeats times)")
     args = parser.parse_args()
     import torch
 
@@ -173,19 +209,24 @@ def main() -> None:
     seeds = [int(s) for s in args.seeds.split(",")]
     with tempfile.TemporaryDirectory(prefix="bench_report_") as tmp:
         root = Path(tmp)
-        toy = toy_study(root, seeds, args.n_samples, args.limit)
-        print(f"toy study ({toy['runs']} runs, whole chain {toy['chain_s']:.1f} s):")
+        toy = toy_study(root, seeds, args.n_samples, args.limit, args.repeats)
+        print(f"toy study ({toy['runs']} runs, whole chain {toy['chain_s']:.1f} s), "
+              f"medians of {args.repeats} repeats, reports cold in a fresh process:")
         _ratio(f"score stage, {toy['score_runs']} seeds", toy["score_s"], toy["score_cpu"],
                f"report, {toy['figures']} figures x png+pdf+svg", toy["report_s"],
                toy["report_cpu"])
-        print(f"  report with --formats png (warm): {toy['png_s']:.2f} s wall, "
+        print(f"  report with --formats png: {toy['png_s']:.2f} s wall, "
               f"{toy['png_cpu']:.2f} s CPU; / score = {toy['png_s'] / toy['score_s']:.2f} wall, "
               f"{toy['png_cpu'] / toy['score_cpu']:.2f} CPU")
+        for name, samples in toy["samples"].items():
+            print(f"  {name} repeats (wall/CPU s): "
+                  + ", ".join(f"{x['wall']:.2f}/{x['cpu']:.2f}" for x in samples))
         if not args.skip_124m:
-            big = large_score_run(root, args.large_n_samples)
-            print(f"{big['weights']:,}-weight score run (rank top 1,000 took "
+            big = large_score_run(root, args.large_n_samples, args.repeats)
+            print(f"{big['weights']:,}-weight score run (report: median of {args.repeats}; "
+                  f"rank top 1,000 took "
                   f"{big['rank_s']:.1f} s):")
-            _ratio("score stage", big["score_s"], big["score_cpu"],
+            _ratio("score stage (once)", big["score_s"], big["score_cpu"],
                    f"report, {big['figures']} figures x png+pdf+svg", big["report_s"],
                    big["report_cpu"])
 
