@@ -10,6 +10,7 @@ import json
 import numpy as np
 import pytest
 from _analysis_world import gpt2_config, run_count, save_config_model
+from _store_access import store_rows
 
 from cwa.store import Store
 
@@ -21,11 +22,6 @@ def _ok(result) -> dict:
 
 def _run_id(result) -> str:
     return _ok(result)["runs"][0]["run_id"]
-
-
-def _rows(store_path, sql: str, params=None) -> list[tuple]:
-    with Store(store_path).read() as con:
-        return con.execute(sql, params or []).fetchall()
 
 
 def _sklearn_labels(model_dir, score_path, members, n_clusters: int, seed: int):
@@ -83,14 +79,14 @@ def test_clusters_then_clustered_perturbation_then_effects(
             "sample_size=2000", "-o", "n_clusters=4", "-o", "seed=0",
             "-o", "silhouette_sample=5000")
     )  # fmt: skip
-    members = _rows(
+    members = store_rows(
         store_path,
         "SELECT parameter, flat_index, cluster_id FROM analysis_cluster_members WHERE run_id = ?",
         [clusters_id],
     )
     assert 200 <= len(members) <= 200 + 2000
     sizes = dict(
-        _rows(store_path, "SELECT cluster_id, size FROM analysis_clusters WHERE run_id = ?",
+        store_rows(store_path, "SELECT cluster_id, size FROM analysis_clusters WHERE run_id = ?",
               [clusters_id])
     )  # fmt: skip
     assert sum(sizes.values()) == len(members)
@@ -98,7 +94,7 @@ def test_clusters_then_clustered_perturbation_then_effects(
         toy_model_path, store_path / "artifacts" / score_id / "scores.safetensors", members, 4, 0
     )
     assert [m[2] for m in ordered] == labels.tolist()
-    ((stored_silhouette,),) = _rows(
+    ((stored_silhouette,),) = store_rows(
         store_path,
         "SELECT value FROM run_metrics WHERE run_id = ? AND name = 'silhouette'",
         [clusters_id],
@@ -112,7 +108,7 @@ def test_clusters_then_clustered_perturbation_then_effects(
             "--controls", "random_k", "--seeds", "0,1,2", "--method", "zero",
             "--eval", "perplexity,lambada", "--limit", "10")
     )  # fmt: skip
-    conditions = _rows(
+    conditions = store_rows(
         store_path,
         "SELECT selection, k, seed, n_changed, scope, role FROM perturbation_conditions "
         "WHERE run_id = ? ORDER BY selection, seed",
@@ -123,10 +119,10 @@ def test_clusters_then_clustered_perturbation_then_effects(
     assert len({c[4] for c in conditions}) == 1  # same scope
     assert conditions[0][5] == "treatment" and {c[5] for c in conditions[1:]} == {"control"}
     assert all(c[3] == c[1] for c in conditions)  # zeroing changed every selected weight
-    assert (clusters_id, "clusters") in _rows(
+    assert (clusters_id, "clusters") in store_rows(
         store_path, "SELECT parent_run_id, role FROM run_parents WHERE run_id = ?", [perturb_id]
     )
-    effects = _rows(
+    effects = store_rows(
         store_path,
         "SELECT selection, value, baseline, delta FROM perturbation_effects "
         "WHERE run_id = ? AND task = 'perplexity' AND metric = 'perplexity' "
@@ -135,7 +131,7 @@ def test_clusters_then_clustered_perturbation_then_effects(
     )
     treated = effects[0]
     controls = np.array([e[1] for e in effects[1:]])
-    ((view_k, damage, control_delta, n_control),) = _rows(
+    ((view_k, damage, control_delta, n_control),) = store_rows(
         store_path,
         "SELECT k, damage_per_weight, control_delta, n_control FROM cluster_perturbation_damage "
         "WHERE perturb_run_id = ? AND task = 'perplexity' AND metric = 'perplexity'",
@@ -146,7 +142,7 @@ def test_clusters_then_clustered_perturbation_then_effects(
     assert control_delta == pytest.approx(np.mean([e[3] for e in effects[1:]]))
 
     effects_id = _run_id(cli("--json", "analyze", "effects", perturb_id))
-    ((difference, ratio, low, high, z),) = _rows(
+    ((difference, ratio, low, high, z),) = store_rows(
         store_path,
         "SELECT difference, ratio, ci_low, ci_high, z FROM analysis_effects WHERE run_id = ? "
         "AND task = 'perplexity' AND metric = 'perplexity' AND control = 'random_k'",
@@ -158,7 +154,7 @@ def test_clusters_then_clustered_perturbation_then_effects(
     assert (low, high) == pytest.approx((treated[1] - ci.high, treated[1] - ci.low))
     assert z == pytest.approx((treated[1] - controls.mean()) / controls.std(ddof=1))
     # Flipped items (per-item records of lambada): brute force over evaluation_items.
-    items = _rows(
+    items = store_rows(
         store_path,
         "SELECT condition_id, item_index, acc FROM evaluation_items WHERE run_id = ? "
         "AND task = 'lambada'",
@@ -166,7 +162,7 @@ def test_clusters_then_clustered_perturbation_then_effects(
     )
     base = {i: acc for c, i, acc in items if c is None}
     assert len(base) == 10
-    flips = _rows(
+    flips = store_rows(
         store_path,
         "SELECT condition_id, n_items, n_flipped, correct_to_wrong, wrong_to_correct FROM "
         "analysis_effect_flips WHERE run_id = ? AND task = 'lambada'",
@@ -180,7 +176,7 @@ def test_clusters_then_clustered_perturbation_then_effects(
         assert c2w == sum(base[i] > 0 and acc == 0 for i, acc in mine)
         assert w2c == sum(base[i] == 0 and acc > 0 for i, acc in mine)
     listed = set(
-        _rows(
+        store_rows(
             store_path,
             "SELECT condition_id, item_index FROM analysis_flipped_items WHERE run_id = ? "
             "AND task = 'lambada'",
@@ -189,7 +185,7 @@ def test_clusters_then_clustered_perturbation_then_effects(
     )
     # For LAMBADA prediction = greedy = acc, so issue 9's flipped_items view lists the same.
     assert listed == set(
-        _rows(
+        store_rows(
             store_path,
             "SELECT condition_id, item_index FROM flipped_items WHERE run_id = ? "
             "AND task = 'lambada'",

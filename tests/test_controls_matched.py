@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from _store_access import store_rows
 
 from cwa.ranking import RANK_MODES
 from cwa.store import Store
@@ -15,11 +16,6 @@ from cwa.store import Store
 def _ok(result) -> dict:
     assert result.exit_code == 0, result.stderr + result.stdout
     return json.loads(result.stdout)
-
-
-def _rows(store_path: Path, sql: str, params=None) -> list[tuple]:
-    with Store(store_path).read() as con:
-        return con.execute(sql, params or []).fetchall()
 
 
 def _score(cli, world, *extra: str) -> str:
@@ -32,7 +28,7 @@ def _score(cli, world, *extra: str) -> str:
 
 def _group_counts(store_path: Path, run_id: str) -> dict[str, dict[str, int]]:
     """selection label -> {group: k} from condition_groups (one seed per selection)."""
-    rows = _rows(
+    rows = store_rows(
         store_path,
         "SELECT pc.selection, g.group_key, g.k FROM condition_groups g JOIN "
         "perturbation_conditions pc USING (run_id, condition_id) WHERE run_id = ? "
@@ -56,18 +52,18 @@ def test_signed_metrics_perturb_with_default_controls(cli, tiny_world, store_pat
     with safe_open(str(store_path / "artifacts" / score_id / "scores.safetensors"), "pt") as f:
         assert any(bool((f.get_tensor(n) < 0).any()) for n in f.keys())  # really signed
     rank = _ok(cli("--json", "rank", score_id, "-k", "40"))["runs"][0]["run_id"]
-    ((rank_config,),) = _rows(store_path, "SELECT config FROM runs WHERE run_id = ?", [rank])
+    ((rank_config,),) = store_rows(store_path, "SELECT config FROM runs WHERE run_id = ?", [rank])
     assert json.loads(rank_config)["by"] == "abs"
     # ranked by |score|: the stored raw scores include negative ones among the top
-    scores = [s for (s,) in _rows(store_path, "SELECT score FROM ranked_weights WHERE run_id = ? "
-                                  "ORDER BY rank", [rank])]  # fmt: skip
+    query = "SELECT score FROM ranked_weights WHERE run_id = ? ORDER BY rank"
+    scores = [s for (s,) in store_rows(store_path, query, [rank])]
     assert [abs(s) for s in scores] == sorted((abs(s) for s in scores), reverse=True)
     out = _ok(cli("--json", "perturb", rank, "--method", "zero",
                   "--eval", f"perplexity:{tiny_world['text']}"))  # fmt: skip
     run_id = out["runs"][0]["run_id"]
     counts = _group_counts(store_path, run_id)
     assert counts == {"top_k": {"all": 40}, "random_k": {"all": 40}, "bottom_k": {"all": 40}}
-    ((key,),) = _rows(store_path, "SELECT config->>'key' FROM runs WHERE run_id = ?", [run_id])
+    ((key,),) = store_rows(store_path, "SELECT config->>'key' FROM runs WHERE run_id = ?", [run_id])
     assert key == "abs"
 
 
@@ -75,8 +71,8 @@ def test_signed_metrics_perturb_with_default_controls(cli, tiny_world, store_pat
 def test_controls_match_the_treatment_in_every_group(cli, tiny_world, store_path, mode):
     score_id = _score(cli, tiny_world)
     rank = _ok(cli("--json", "rank", score_id, "-k", "3", "--mode", mode))["runs"][0]["run_id"]
-    ranked = dict(_rows(store_path, "SELECT group_key, count(*) FROM ranked_weights "
-                        "WHERE run_id = ? GROUP BY ALL", [rank]))  # fmt: skip
+    ranked = dict(store_rows(store_path, "SELECT group_key, count(*) FROM ranked_weights "
+                             "WHERE run_id = ? GROUP BY ALL", [rank]))  # fmt: skip
     assert len(ranked) >= (1 if mode == "global" else 2)
     out = _ok(cli("--json", "perturb", rank, "--controls", "random_k,bottom_k", "--seeds", "0,1",
                   "--eval", f"perplexity:{tiny_world['text']}"))  # fmt: skip
@@ -85,12 +81,12 @@ def test_controls_match_the_treatment_in_every_group(cli, tiny_world, store_path
     assert counts["top_k"] == ranked
     assert counts["random_k"] == ranked and counts["bottom_k"] == ranked
     # the view shows treatment and control side by side, equal, for every seed
-    view = _rows(store_path, "SELECT selection, seed, group_key, treatment_k, selected_k "
-                 "FROM condition_group_counts WHERE run_id = ?", [run_id])  # fmt: skip
+    view = store_rows(store_path, "SELECT selection, seed, group_key, treatment_k, selected_k "
+                      "FROM condition_group_counts WHERE run_id = ?", [run_id])  # fmt: skip
     assert len(view) == len(ranked) * (1 + 2 + 1)  # top_k, random_k x 2 seeds, bottom_k
     assert all(t == s for *_, t, s in view)
     roles = dict(
-        _rows(
+        store_rows(
             store_path,
             "SELECT selection, any_value(role) FROM perturbation_conditions WHERE run_id = ? "
             "GROUP BY ALL",

@@ -13,29 +13,13 @@ import time
 from pathlib import Path
 
 import pytest
+from _store_access import HOLD_LOCK_SCRIPT, store_rows
 
 from cwa.lifecycle import StageOutput, StageRequest, execute_stage
 from cwa.store import Store
 from cwa.store.runs import run_details
 
 REPO = Path(__file__).resolve().parents[1]
-
-_HOLD_LOCK = textwrap.dedent(
-    """
-    import sys, time, duckdb
-    con = duckdb.connect(sys.argv[1])
-    con.execute("BEGIN")
-    print("locked", flush=True)
-    time.sleep(float(sys.argv[2]))
-    con.execute("COMMIT")
-    con.close()
-    """
-)
-
-
-def _rows(store: Store, sql: str, params=None):
-    with store.read() as con:
-        return con.execute(sql, params or []).fetchall()
 
 
 _WRITE_BLOCKED = textwrap.dedent(
@@ -71,7 +55,7 @@ def test_failed_final_write_keeps_results_and_recover_writes_them(
     """The store stays locked past the timeout while the results are written (another process
     holds it): the stage process fails, the artifacts stay, and `cwa runs recover` stores
     exactly the computed rows once the store is free."""
-    (tmp_path / "hold.py").write_text(_HOLD_LOCK)
+    (tmp_path / "hold.py").write_text(HOLD_LOCK_SCRIPT)
     (tmp_path / "stage.py").write_text(_WRITE_BLOCKED)
     env = {**os.environ, "CWA_LOCK_TIMEOUT": "1"}
     proc = subprocess.run(
@@ -80,11 +64,11 @@ def test_failed_final_write_keeps_results_and_recover_writes_them(
     )  # fmt: skip
     assert proc.returncode == 1 and proc.stdout.strip() == "StoreLocked", proc.stderr
     time.sleep(5)  # the holder lets go
-    ((run_id, status, error),) = _rows(store, "SELECT run_id, status, error FROM runs")
+    ((run_id, status, error),) = store_rows(store, "SELECT run_id, status, error FROM runs")
     folder = store.artifacts_dir(run_id)
     assert (folder / "scores.bin").read_bytes() == b"hours of scoring"  # artifacts survive
     assert (folder / ".pending" / "state.json").is_file()
-    assert _rows(store, "SELECT count(*) FROM tensor_stats") == [(0,)]
+    assert store_rows(store, "SELECT count(*) FROM tensor_stats") == [(0,)]
     # Marking the run failed needed the lock too, so it may still read 'running' (its process
     # is gone); either way it is recoverable.
     assert status == "running" or (status == "failed" and f"cwa runs recover {run_id}" in error)
@@ -94,13 +78,13 @@ def test_failed_final_write_keeps_results_and_recover_writes_them(
     assert json.loads(result.stdout)["runs"][0]["status"] == "succeeded"
     run = run_details(store, run_id).run
     assert run.status == "succeeded" and run.error is None
-    stored = _rows(store, "SELECT parameter, layer, numel, mean, max FROM tensor_stats "
-                   "WHERE run_id = ? ORDER BY parameter", [run_id])  # fmt: skip
+    stored = store_rows(store, "SELECT parameter, layer, numel, mean, max FROM tensor_stats "
+                        "WHERE run_id = ? ORDER BY parameter", [run_id])  # fmt: skip
     expected = [(f"p{i}", i, 10 * (i + 1), i / 3, float(i)) for i in range(5)]
     assert stored == expected
-    metrics = _rows(store, "SELECT name, value FROM run_metrics WHERE run_id = ?", [run_id])
+    metrics = store_rows(store, "SELECT name, value FROM run_metrics WHERE run_id = ?", [run_id])
     assert metrics == [("loss", 2.5)]
-    artifacts = _rows(store, "SELECT name, kind FROM run_artifacts WHERE run_id = ?", [run_id])
+    artifacts = store_rows(store, "SELECT name, kind FROM run_artifacts WHERE run_id = ?", [run_id])
     assert artifacts == [("scores.bin", "scores")]  # the pending folder itself is not listed
     assert not (folder / ".pending").exists()
     again = cli("--store", str(store.path), "runs", "recover", run_id)
@@ -127,7 +111,7 @@ def test_recover_refuses_a_run_without_pending_results(store: Store, cli) -> Non
 
     with pytest.raises(RuntimeError):
         execute_stage(store, StageRequest("score", {}), boom)
-    ((run_id,),) = _rows(store, "SELECT run_id FROM runs")
+    ((run_id,),) = store_rows(store, "SELECT run_id FROM runs")
     result = cli("--store", str(store.path), "runs", "recover", run_id)
     assert result.exit_code == 1 and "nothing to recover" in result.stderr
 

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 from _demo_store import demo_store, demo_template  # noqa: F401
+from _store_access import store_rows
 
 from cwa.lifecycle import StageOutput, StageRequest, execute_stage
 from cwa.mlflow_mirror import flatten_config
@@ -103,16 +104,6 @@ def _by_stage(client, experiment_id: str) -> dict[str, object]:
     return {r.data.tags["cwa.stage"]: r for r in runs}
 
 
-def _rows(store_path: Path, sql: str, params: list | None = None) -> list[tuple]:
-    import duckdb
-
-    con = duckdb.connect(str(store_path / "cwa.duckdb"), read_only=True)
-    try:
-        return con.execute(sql, params or []).fetchall()
-    finally:
-        con.close()
-
-
 def test_demo_runs_in_mlflow_carry_lineage_data_source_and_comparable_metrics(
     demo_store: Path,
 ) -> None:
@@ -153,7 +144,7 @@ def test_demo_runs_in_mlflow_carry_lineage_data_source_and_comparable_metrics(
     assert calibration.dataset.name == "toy"
     assert calibration.tags[0].value == "calibration"
     hashes = dict(
-        _rows(
+        store_rows(
             demo_store,
             "SELECT DISTINCT task, task_config_hash FROM evaluations WHERE run_id = ? "
             "AND condition_id IS NULL",
@@ -166,7 +157,7 @@ def test_demo_runs_in_mlflow_carry_lineage_data_source_and_comparable_metrics(
     # Score mass shares, recomputed from the score file itself.
     score_id = score.data.tags["cwa.run_id"]
     component_of = dict(
-        _rows(
+        store_rows(
             demo_store, "SELECT parameter, component FROM tensor_stats WHERE run_id = ?", [score_id]
         )
     )
@@ -183,7 +174,7 @@ def test_demo_runs_in_mlflow_carry_lineage_data_source_and_comparable_metrics(
         assert score.data.metrics[f"mass_share.component.{component}"] == pytest.approx(
             value / total, rel=1e-5
         )
-    loss = _rows(
+    loss = store_rows(
         demo_store,
         "SELECT value FROM run_metrics WHERE run_id = ? AND name = 'calibration_loss'",
         [score_id],
@@ -197,7 +188,7 @@ def test_demo_runs_in_mlflow_carry_lineage_data_source_and_comparable_metrics(
 
     # Top-k composition from the ranked rows.
     counts = dict(
-        _rows(
+        store_rows(
             demo_store,
             "SELECT component, count(*) FROM ranked_weights WHERE run_id = ? GROUP BY ALL",
             [rank.data.tags["cwa.run_id"]],
@@ -209,7 +200,7 @@ def test_demo_runs_in_mlflow_carry_lineage_data_source_and_comparable_metrics(
 
     # Per-task baseline and damage: mean over seeds minus the baseline, from the raw rows.
     perturb_id = perturb.data.tags["cwa.run_id"]
-    base = _rows(
+    base = store_rows(
         demo_store,
         "SELECT value FROM evaluations WHERE run_id = ? AND condition_id IS NULL "
         "AND task = 'perplexity' AND metric = 'perplexity'",
@@ -217,7 +208,7 @@ def test_demo_runs_in_mlflow_carry_lineage_data_source_and_comparable_metrics(
     )[0][0]
     treated = [
         v
-        for (v,) in _rows(
+        for (v,) in store_rows(
             demo_store,
             "SELECT e.value FROM evaluations e JOIN perturbation_conditions c "
             "USING (run_id, condition_id) WHERE e.run_id = ? AND c.selection = 'random_k' "
@@ -312,9 +303,11 @@ def test_mlflow_cli_sync_and_ui_address(cli, demo_store: Path) -> None:
 
 def test_sync_to_an_unreachable_mlflow_is_one_line(cli, demo_store: Path, monkeypatch) -> None:
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "unknownscheme://nowhere")
-    before = _rows(demo_store, "SELECT run_id, mlflow_run_id FROM runs ORDER BY run_id")
+    before = store_rows(demo_store, "SELECT run_id, mlflow_run_id FROM runs ORDER BY run_id")
     result = cli("mlflow", "sync")
     assert result.exit_code == 1
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and "unknownscheme://nowhere" in lines[0], lines
-    assert _rows(demo_store, "SELECT run_id, mlflow_run_id FROM runs ORDER BY run_id") == before
+    assert (
+        store_rows(demo_store, "SELECT run_id, mlflow_run_id FROM runs ORDER BY run_id") == before
+    )

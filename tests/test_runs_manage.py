@@ -11,22 +11,15 @@ from pathlib import Path
 import duckdb
 import pytest
 from _demo_store import demo_store, demo_template  # noqa: F401
+from _store_access import store_rows
 from test_sql_files import EXAMPLES, same_rows
 
 from cwa.lifecycle import StageOutput, StageRequest, execute_stage
 from cwa.store import Store
 
 
-def _rows(store: Path, sql: str, params: list | None = None) -> list[tuple]:
-    con = duckdb.connect(str(store / "cwa.duckdb"), read_only=True)
-    try:
-        return con.execute(sql, params or []).fetchall()
-    finally:
-        con.close()
-
-
 def _snapshot(store: Path) -> list[tuple]:
-    return _rows(store, "SELECT run_id, status FROM runs ORDER BY run_id")
+    return store_rows(store, "SELECT run_id, status FROM runs ORDER BY run_id")
 
 
 def _one_line_error(result, needle: str) -> None:
@@ -89,7 +82,7 @@ def test_tags_and_notes_are_stored_shown_and_removed(cli, demo_store: Path) -> N
     removed = cli("--json", "runs", "tag", "latest:perturb", "verdict=")
     assert json.loads(removed.stdout)["tags"] == {"note": "n1", "paper": "fig3"}
     perturb = shown["run"]["run_id"]
-    stored = _rows(
+    stored = store_rows(
         demo_store, "SELECT key, value FROM run_tags WHERE run_id = ? ORDER BY key", [perturb]
     )
     assert stored == [("note", "n1"), ("paper", "fig3")]
@@ -110,7 +103,7 @@ def test_tag_bad_input(cli, demo_store: Path, args, needle) -> None:
     before = _snapshot(demo_store)
     _one_line_error(cli("runs", "tag", *args), needle)
     assert _snapshot(demo_store) == before
-    assert _rows(demo_store, "SELECT count(*) FROM run_tags")[0][0] == 0
+    assert store_rows(demo_store, "SELECT count(*) FROM run_tags")[0][0] == 0
 
 
 def _example_answers(cli, store: Path) -> dict[str, list[dict]]:
@@ -164,8 +157,8 @@ def test_export_import_round_trip_answers_the_example_queries_alike(
     ):
         cols = "* EXCLUDE (mlflow_run_id)" if table == "runs" else "*"
         query = f"SELECT {cols} FROM {table} ORDER BY ALL"
-        assert _rows(demo_store, query) == _rows(target, query), table
-    for run_id, name in _rows(demo_store, "SELECT run_id, name FROM run_artifacts"):
+        assert store_rows(demo_store, query) == store_rows(target, query), table
+    for run_id, name in store_rows(demo_store, "SELECT run_id, name FROM run_artifacts"):
         a = (demo_store / "artifacts" / run_id / name).read_bytes()
         b = (target / "artifacts" / run_id / name).read_bytes()
         assert hashlib.sha256(a).digest() == hashlib.sha256(b).digest()
@@ -183,7 +176,7 @@ def test_export_of_one_run_reports_missing_parents_on_import(
     assert cli("runs", "export", "latest:rank", "--to", str(out)).exit_code == 0
     result = cli("--store", str(tmp_path / "t"), "--json", "db", "import", str(out))
     data = json.loads(result.stdout)
-    score = _rows(demo_store, "SELECT run_id FROM runs WHERE stage = 'score'")[0][0]
+    score = store_rows(demo_store, "SELECT run_id FROM runs WHERE stage = 'score'")[0][0]
     assert data["missing_parents"] == [score] and len(data["imported"]) == 1
 
 
@@ -214,7 +207,7 @@ def test_import_into_a_store_with_a_newer_schema_is_refused(
     con.execute("INSERT INTO cwa_migrations VALUES (99, '0099_future.sql', 'x', now())")
     con.close()
     _one_line_error(cli("--store", str(target), "db", "import", str(out)), "newer than this cwa")
-    assert _rows(target, "SELECT count(*) FROM runs")[0][0] == 0
+    assert store_rows(target, "SELECT count(*) FROM runs")[0][0] == 0
     assert list((target / "artifacts").iterdir()) == []
 
 

@@ -4,13 +4,11 @@ CLI, checked against independent computations from the stored artifacts."""
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 import torch
+from _store_access import store_rows
 from safetensors import safe_open
-
-from cwa.store import Store
 
 
 def _ok(result) -> dict:
@@ -39,11 +37,6 @@ def _score(cli, world, *extra: str) -> list[str]:
     return [r["run_id"] for r in out["runs"]]
 
 
-def _rows(store_path: Path, sql: str, params=None) -> list[tuple]:
-    with Store(store_path).read() as con:
-        return con.execute(sql, params or []).fetchall()
-
-
 def test_score_seeds_are_separate_runs_and_deterministic(cli, tiny_world, store_path) -> None:
     a, b = _score(cli, tiny_world, "--seeds", "0,1")
     (c,) = _score(cli, tiny_world, "--seed", "0")
@@ -55,7 +48,7 @@ def test_score_seeds_are_separate_runs_and_deterministic(cli, tiny_world, store_
 
     model = AutoModelForCausalLM.from_pretrained(tiny_world["model"])
     names = [n for n, _ in model.named_parameters()]
-    stats = _rows(
+    stats = store_rows(
         store_path,
         "SELECT parameter, numel, max, sum FROM tensor_stats WHERE run_id = ? ORDER BY parameter",
         [a],
@@ -67,7 +60,7 @@ def test_score_seeds_are_separate_runs_and_deterministic(cli, tiny_world, store_
             assert t.numel() == numel
             assert vmax == pytest.approx(float(t.max()), rel=1e-6)
             assert vsum == pytest.approx(float(t.sum()), rel=1e-5)
-    ((loss, tokens),) = _rows(
+    ((loss, tokens),) = store_rows(
         store_path,
         "SELECT max(value) FILTER (name = 'calibration_loss'), "
         "max(value) FILTER (name = 'calibration_tokens') FROM run_metrics "
@@ -75,7 +68,7 @@ def test_score_seeds_are_separate_runs_and_deterministic(cli, tiny_world, store_
         [a],
     )
     assert 0 < loss < 10 and tokens == 8 * 15
-    ((config,),) = _rows(store_path, "SELECT config FROM runs WHERE run_id = ?", [a])
+    ((config,),) = store_rows(store_path, "SELECT config FROM runs WHERE run_id = ?", [a])
     assert json.loads(config)["metric_config"]["metric"] == "grad_x_weight"
 
 
@@ -83,7 +76,7 @@ def test_rank_matches_brute_force_sort_of_the_score_file(cli, tiny_world, store_
     (score_id,) = _score(cli, tiny_world)
     out = _ok(cli("--json", "rank", score_id, "--topk", "25"))
     rank_id = out["runs"][0]["run_id"]
-    rows = _rows(
+    rows = store_rows(
         store_path,
         "SELECT rank, parameter, flat_index, score FROM ranked_weights "
         "WHERE run_id = ? ORDER BY rank",
@@ -103,7 +96,7 @@ def test_rank_matches_brute_force_sort_of_the_score_file(cli, tiny_world, store_
     order.sort()
     expected = [(r + 1, name, i) for r, (_, _, i, name) in enumerate(order[:25])]
     assert [(r, p, i) for r, p, i, _ in rows] == expected
-    ((parent,),) = _rows(
+    ((parent,),) = store_rows(
         store_path, "SELECT parent_run_id FROM run_parents WHERE run_id = ?", [rank_id]
     )
     assert parent == score_id
@@ -171,7 +164,7 @@ def test_perturb_conditions_controls_and_effects_view(cli, tiny_world, store_pat
         )
     )
     run_id = out["runs"][0]["run_id"]
-    conds = _rows(
+    conds = store_rows(
         store_path,
         "SELECT selection, k, seed, n_changed, restored FROM "
         "perturbation_conditions WHERE run_id = ? ORDER BY condition_id",
@@ -188,7 +181,7 @@ def test_perturb_conditions_controls_and_effects_view(cli, tiny_world, store_pat
     assert sorted(by_sel["random_k"]) == [(10, 0, 10), (10, 1, 10), (30, 0, 30), (30, 1, 30)]
     assert sorted(k for k, _, _ in by_sel["bottom_k"]) == [10, 30]
     assert by_sel["all_k"][0][0] == n_params  # whole model in scope (tied lm_head once)
-    effects = _rows(
+    effects = store_rows(
         store_path,
         "SELECT selection, k, metric, value, baseline, delta FROM "
         "perturbation_effects WHERE run_id = ? AND metric = 'perplexity'",
@@ -198,7 +191,9 @@ def test_perturb_conditions_controls_and_effects_view(cli, tiny_world, store_pat
     for _sel, _k, _m, value, baseline, delta in effects:
         assert delta == pytest.approx(value - baseline)
     # the model on disk is untouched and the run recorded the same fingerprint
-    ((fp,),) = _rows(store_path, "SELECT model_fingerprint FROM runs WHERE run_id = ?", [run_id])
+    ((fp,),) = store_rows(
+        store_path, "SELECT model_fingerprint FROM runs WHERE run_id = ?", [run_id]
+    )
     assert fp == model_fingerprint(AutoModelForCausalLM.from_pretrained(tiny_world["model"]))
 
 
@@ -223,9 +218,11 @@ def test_failed_evaluation_mid_sweep_marks_run_failed(
         "perturb", rank_id, "--eval", f"perplexity:{tiny_world['text']}", "--controls", "random_k"
     )
     assert result.exit_code == 1 and "evaluation exploded" in result.stderr
-    ((status, error),) = _rows(store_path, "SELECT status, error FROM runs WHERE stage = 'perturb'")
+    ((status, error),) = store_rows(
+        store_path, "SELECT status, error FROM runs WHERE stage = 'perturb'"
+    )
     assert status == "failed" and "evaluation exploded" in error
-    assert _rows(store_path, "SELECT count(*) FROM perturbation_conditions") == [(0,)]
+    assert store_rows(store_path, "SELECT count(*) FROM perturbation_conditions") == [(0,)]
 
 
 @pytest.mark.parametrize(
@@ -250,7 +247,7 @@ def test_stage_bad_input(cli, tiny_world, store_path, args, message) -> None:
     assert len(errors) == 1 and lines[-1] == errors[0] and message in errors[0], lines
     assert "Traceback" not in result.stderr
     if store_path.exists():  # nothing registered: no run, failed or otherwise
-        assert _rows(store_path, "SELECT count(*) FROM runs") == [(0,)]
+        assert store_rows(store_path, "SELECT count(*) FROM runs") == [(0,)]
 
 
 def test_user_metric_plugin_by_module_function(
@@ -320,7 +317,7 @@ def test_cwa_run_chains_stages_with_lineage_and_exports(
         )
     )
     runs = out["runs"]
-    parents = _rows(store_path, "SELECT run_id, parent_run_id, role FROM run_parents")
+    parents = store_rows(store_path, "SELECT run_id, parent_run_id, role FROM run_parents")
     assert (runs["rank"], runs["score"], "scores") in parents
     assert (runs["perturb"], runs["rank"], "ranking") in parents
     assert (runs["perturb"], runs["evaluate"], "baseline") in parents
@@ -337,7 +334,7 @@ def test_cwa_run_chains_stages_with_lineage_and_exports(
     assert manifest["runs"] == runs
     assert len((out_dir / "top_weights.csv").read_text().splitlines()) == 21
     # the baseline was evaluated once, by the evaluate run, and reused by perturb
-    reused = _rows(
+    reused = store_rows(
         store_path,
         "SELECT DISTINCT reused_from FROM evaluations WHERE run_id = ? AND condition_id IS NULL",
         [runs["perturb"]],
@@ -348,7 +345,7 @@ def test_cwa_run_chains_stages_with_lineage_and_exports(
 def test_head_ranking_controls_stay_inside_attention_heads(cli, tiny_world, store_path) -> None:
     (score_id,) = _score(cli, tiny_world)
     rank_id = _ok(cli("--json", "rank", score_id, "-k", "2", "--mode", "head"))["runs"][0]["run_id"]
-    ((n_ranked,),) = _rows(
+    ((n_ranked,),) = store_rows(
         store_path, "SELECT count(*) FROM ranked_weights WHERE run_id = ?", [rank_id]
     )
     assert n_ranked == 2 * 2 * 4  # 2 per head, 2 layers x 4 heads
@@ -364,7 +361,7 @@ def test_head_ranking_controls_stay_inside_attention_heads(cli, tiny_world, stor
             f"perplexity:{tiny_world['text']}",
         )
     )
-    conds = _rows(
+    conds = store_rows(
         store_path,
         "SELECT selection, k, n_changed, scope FROM perturbation_conditions WHERE run_id = ?",
         [out["runs"][0]["run_id"]],

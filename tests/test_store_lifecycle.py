@@ -13,6 +13,7 @@ from pathlib import Path
 
 import duckdb
 import pytest
+from _store_access import HOLD_LOCK_SCRIPT, store_rows
 
 from cwa.errors import InvalidInput, RunNotFound, StoreLocked
 from cwa.lifecycle import StageOutput, StageRequest, execute_stage
@@ -20,11 +21,6 @@ from cwa.store import Store, list_runs, run_details
 from cwa.store.ids import new_run_id
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-def _rows(store: Store, sql: str, params: list | None = None) -> list[tuple]:
-    with store.read() as con:
-        return con.execute(sql, params or []).fetchall()
 
 
 def _tiny_result_table(store: Store) -> None:
@@ -53,9 +49,9 @@ def test_success_writes_results_metrics_artifacts(store: Store) -> None:
     assert run.metrics == {"loss": 2.5}
     assert run.result_counts == {"demo_results": 5}
     assert [a["name"] for a in run.artifacts] == ["notes/summary.json"]
-    assert _rows(store, "SELECT sum(v) FROM demo_results WHERE run_id = ?", [outcome.run_id]) == [
-        (5.0,)
-    ]
+    assert store_rows(
+        store, "SELECT sum(v) FROM demo_results WHERE run_id = ?", [outcome.run_id]
+    ) == [(5.0,)]
 
 
 def test_exception_marks_failed_and_writes_no_results(store: Store) -> None:
@@ -69,7 +65,7 @@ def test_exception_marks_failed_and_writes_no_results(store: Store) -> None:
     (run,) = list_runs(store)
     assert run.status == "failed"
     assert run.error == "ValueError: boom at batch 3"
-    assert _rows(store, "SELECT count(*) FROM demo_results") == [(0,)]
+    assert store_rows(store, "SELECT count(*) FROM demo_results") == [(0,)]
 
 
 def test_failure_while_writing_results_rolls_back_everything(store: Store) -> None:
@@ -86,8 +82,8 @@ def test_failure_while_writing_results_rolls_back_everything(store: Store) -> No
         execute_stage(store, StageRequest("demo", {}), compute)
     (run,) = list_runs(store)
     assert run.status == "failed"
-    assert _rows(store, "SELECT count(*) FROM demo_results") == [(0,)]
-    assert _rows(store, "SELECT count(*) FROM run_metrics") == [(0,)]
+    assert store_rows(store, "SELECT count(*) FROM demo_results") == [(0,)]
+    assert store_rows(store, "SELECT count(*) FROM run_metrics") == [(0,)]
 
 
 def test_unknown_parent_is_refused_before_anything_is_written(store: Store) -> None:
@@ -144,7 +140,7 @@ def test_real_sigint_marks_run_interrupted(tmp_path: Path, store: Store) -> None
     assert run.status == "interrupted"
     assert "Ctrl-C" in run.error
     assert run.finished_at is not None
-    assert _rows(store, "SELECT count(*) FROM run_metrics") == [(0,)]
+    assert store_rows(store, "SELECT count(*) FROM run_metrics") == [(0,)]
 
 
 def test_killed_process_is_marked_interrupted_on_next_write(tmp_path: Path, store: Store) -> None:
@@ -163,22 +159,9 @@ def test_killed_process_is_marked_interrupted_on_next_write(tmp_path: Path, stor
     assert run.status == "interrupted" and "ended without finishing" in run.error
 
 
-_HOLD_LOCK = textwrap.dedent(
-    """
-    import sys, time, duckdb
-    con = duckdb.connect(sys.argv[1])
-    con.execute("BEGIN")
-    print("locked", flush=True)
-    time.sleep(float(sys.argv[2]))
-    con.execute("COMMIT")
-    con.close()
-    """
-)
-
-
 def _hold_lock(tmp_path: Path, store: Store, seconds: float) -> subprocess.Popen:
     script = tmp_path / "hold.py"
-    script.write_text(_HOLD_LOCK)
+    script.write_text(HOLD_LOCK_SCRIPT)
     proc = subprocess.Popen(
         [sys.executable, str(script), str(store.db_path), str(seconds)],
         stdout=subprocess.PIPE,
