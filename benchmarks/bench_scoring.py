@@ -29,7 +29,6 @@ one thread (oversubscribed OpenMP threads make timings erratic) and compare rati
 from __future__ import annotations
 
 import argparse
-import ctypes
 import json
 import os
 import statistics
@@ -37,6 +36,8 @@ import subprocess
 import sys
 import tempfile
 import time
+
+from _proc_memory import reset_peak_rss, status_kib, trim_heap
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -143,36 +144,17 @@ def score_once(model, arch, batches, out_dir: str) -> tuple[float, float]:
     return total, reporter.spans["grad_x_weight: batches"]
 
 
-def _trim() -> None:
-    import gc
-
-    gc.collect()
-    try:  # give freed heap pages back so they do not pad the next measurement
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except OSError:
-        pass
-
-
-def _status_kib(field: str) -> int:
-    with open("/proc/self/status") as handle:
-        for line in handle:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    raise RuntimeError(f"{field} not in /proc/self/status")
-
-
 def child(args: argparse.Namespace) -> None:
     model, arch, batches = build(args)
     with tempfile.TemporaryDirectory() as out_dir:
-        _trim()
-        before = _status_kib("VmRSS")
-        with open("/proc/self/clear_refs", "w") as handle:
-            handle.write("5")  # reset VmHWM to the current RSS
+        trim_heap()
+        before = status_kib("VmRSS")
+        reset_peak_rss()
         if args.child in BARE_LOOPS:
             BARE_LOOPS[args.child](model, batches)
         else:
             score_once(model, arch, batches, out_dir)
-        peak = _status_kib("VmHWM")
+        peak = status_kib("VmHWM")
     print(json.dumps({"before_kib": before, "peak_kib": peak}))
 
 

@@ -25,13 +25,13 @@ Run: ``python benchmarks/bench_topk.py [--quick] [--threads 1]``.
 from __future__ import annotations
 
 import argparse
-import ctypes
-import gc
 import heapq
 import os
 import statistics
 import tempfile
 import time
+
+from _proc_memory import reset_peak_rss, status_kib, trim_heap
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -51,28 +51,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def _status_kib(field: str) -> int:
-    with open("/proc/self/status") as handle:
-        for line in handle:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    raise RuntimeError(f"{field} not in /proc/self/status")
-
-
 def peak_growth(fn, *fn_args):
     """(result, seconds, peak RSS growth in bytes) of one call."""
-    gc.collect()
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except OSError:
-        pass
-    before = _status_kib("VmRSS")
-    with open("/proc/self/clear_refs", "w") as handle:
-        handle.write("5")  # reset VmHWM to the current RSS
+    trim_heap()
+    before = status_kib("VmRSS")
+    reset_peak_rss()
     start = time.perf_counter()
     result = fn(*fn_args)
     seconds = time.perf_counter() - start
-    return result, seconds, (_status_kib("VmHWM") - before) * 1024
+    return result, seconds, (status_kib("VmHWM") - before) * 1024
 
 
 def main(argv: list[str] | None = None) -> None:
