@@ -19,6 +19,8 @@ serves query heads g*G .. g*G+G-1), not read from the map.
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import pytest
 import torch
@@ -176,35 +178,33 @@ def o_proj_input(model: torch.nn.Module, family: str, layer: int) -> torch.Tenso
     return captured[0]
 
 
-def logits_with_zeroed(model: torch.nn.Module, masks: dict[str, torch.Tensor]) -> torch.Tensor:
-    """Forward pass with the masked elements zeroed, weights restored afterwards."""
+@contextmanager
+def masked_to_zero(model: torch.nn.Module, masks: dict[str, torch.Tensor]) -> Iterator[None]:
+    """The masked elements zeroed inside the block, the weights restored afterwards."""
     params = dict(model.named_parameters())
     saved = {name: params[name].detach().clone() for name in masks}
     try:
         with torch.no_grad():
             for name, mask in masks.items():
                 params[name].masked_fill_(mask, 0.0)
-            return model(input_ids()).logits
+        yield
     finally:
         with torch.no_grad():
             for name, value in saved.items():
                 params[name].copy_(value)
+
+
+def logits_with_zeroed(model: torch.nn.Module, masks: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Forward pass with the masked elements zeroed, weights restored afterwards."""
+    with masked_to_zero(model, masks), torch.no_grad():
+        return model(input_ids()).logits
 
 
 def zeroed_o_proj_input(
     model: torch.nn.Module, family: str, layer: int, masks: dict[str, torch.Tensor]
 ) -> torch.Tensor:
-    params = dict(model.named_parameters())
-    saved = {name: params[name].detach().clone() for name in masks}
-    try:
-        with torch.no_grad():
-            for name, mask in masks.items():
-                params[name].masked_fill_(mask, 0.0)
+    with masked_to_zero(model, masks):
         return o_proj_input(model, family, layer)
-    finally:
-        with torch.no_grad():
-            for name, value in saved.items():
-                params[name].copy_(value)
 
 
 @pytest.fixture(scope="module", autouse=True)
