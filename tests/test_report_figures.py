@@ -328,3 +328,27 @@ def test_head_heatmap_draws_profile_means_when_given() -> None:
     np.testing.assert_allclose(np.asarray(panels[0].get_images()[0].get_array()), [[0.5, 0.25]])
     np.testing.assert_allclose(np.asarray(panels[1].get_images()[0].get_array()), [[1.0]])
     assert fig.get_suptitle() == "Sensitivity per attention head"
+
+
+def test_log_tick_labels_become_plain_text_powers() -> None:
+    from matplotlib.ticker import LogFormatterSciNotation
+
+    from cwa.reporting.style import new_figure, plain_power_label, render_formats
+
+    assert plain_power_label(r"$\mathdefault{10^{-3}}$") == "10⁻³"
+    assert plain_power_label(r"$\mathdefault{2\times10^{4}}$") == "2×10⁴"
+    assert plain_power_label(r"$\mathdefault{-10^{1}}$") == "−10¹"
+    assert plain_power_label("attn_q") == "attn_q"
+    assert plain_power_label(r"$x^2$") == r"$x^2$"  # not a power label: left to mathtext
+    fig, ax = new_figure()
+    ax.plot([1e-3, 1e2], [1.0, 2.0])
+    ax.set_xscale("log")
+    render_formats(fig, ["png", "svg"])
+    shown = [t.get_text() for t in ax.get_xticklabels() if t.get_text()]
+    # The same ticks matplotlib's own formatter labels, written without mathtext.
+    reference = LogFormatterSciNotation(base=10)
+    reference.set_axis(ax.xaxis)
+    expected = [plain_power_label(reference(x)) for x in ax.get_xticks()]
+    assert "10⁻³" in shown and "10²" in shown
+    assert not any("$" in label for label in shown)
+    assert set(shown) <= set(expected)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import io
+import re
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -162,7 +163,9 @@ def freeze_layout(fig: Figure) -> None:
 # and decompiling them to subset them was most of the PDF's cost. The outlines (glyf/loca),
 # metrics (hmtx), cmap, name, post and hinting tables are kept: the font stays a complete,
 # embedded, subset TrueType font that journals accept.
-_PDF_UNUSED_TABLES = ("GSUB", "GPOS", "GDEF", "MATH", "BASE", "JSTF")
+# The legacy 'kern' table is likewise unused in a PDF (fontTools drops it itself while GPOS is
+# present; with GPOS gone it would otherwise be decompiled and subset).
+_PDF_UNUSED_TABLES = ("GSUB", "GPOS", "GDEF", "MATH", "BASE", "JSTF", "kern")
 # Characters every subset carries, so that one subset per font serves all the report's PDFs
 # (labels, numbers, mathtext tick labels such as 10^-3) instead of one subset per PDF.
 _PDF_BASE_CHARS = frozenset(range(0x20, 0x7F)) | frozenset(map(ord, "−×±·µ°≤≥≈–—…²³⁻⁰¹₀"))
@@ -267,12 +270,55 @@ def figure_bytes(fig: Figure, fmt: str) -> bytes:
     return buffer.getvalue()
 
 
+_SUPERSCRIPT = str.maketrans("0123456789-−+.", "⁰¹²³⁴⁵⁶⁷⁸⁹⁻⁻⁺·")
+_MATH_POWER = re.compile(
+    r"^\$\\mathdefault\{(?P<sign>[-−])?(?:(?P<mant>[0-9.]+)\\times)?(?P<base>[0-9.]+)"
+    r"(?:\^\{?(?P<exp>[-−+0-9.]+)\}?)?\}\$$"
+)
+
+
+def plain_power_label(label: str) -> str:
+    """'$\\mathdefault{10^{-3}}$' -> '10⁻³' (also '2×10⁻³', '−10²', '0'); others unchanged.
+
+    matplotlib's log-axis labels are mathtext, parsed again by every renderer (PNG, PDF,
+    SVG); the same number as plain text with Unicode superscripts reads the same, stays text
+    in PDF/SVG and costs no parsing.
+    """
+    match = _MATH_POWER.match(label)
+    if match is None:
+        return label
+    power = match["base"] + (match["exp"] or "").translate(_SUPERSCRIPT)
+    sign = "−" if match["sign"] else ""
+    return f"{sign}{match['mant']}×{power}" if match["mant"] else f"{sign}{power}"
+
+
+def _plain_log_labels(fig: Figure) -> None:
+    """Give every log/symlog axis of ``fig`` formatters that write plain-text powers."""
+    from matplotlib.ticker import LogFormatterSciNotation
+
+    class PlainPowers(LogFormatterSciNotation):
+        def __call__(self, x: float, pos: int | None = None) -> str:
+            return plain_power_label(super().__call__(x, pos))
+
+    for ax in fig.axes:
+        for axis in (ax.xaxis, ax.yaxis):
+            for formatter, setter in (
+                (axis.get_major_formatter(), axis.set_major_formatter),
+                (axis.get_minor_formatter(), axis.set_minor_formatter),
+            ):
+                if type(formatter) is LogFormatterSciNotation:
+                    plain = PlainPowers.__new__(PlainPowers)
+                    plain.__dict__.update(formatter.__dict__)  # same base, thresholds, axis
+                    setter(plain)
+
+
 def render_formats(fig: Figure, formats: Sequence[str]) -> dict[str, bytes]:
     """The figure in each format (always PNG, first), laid out once.
 
     The PNG save runs the layout engine on the renderer that rasterises it (one text
     measurement for both); the layout is then frozen, so the PDF and SVG reuse those positions.
     """
+    _plain_log_labels(fig)
     rendered = {"png": figure_bytes(fig, "png")}
     freeze_layout(fig)
     for fmt in formats:
