@@ -6,6 +6,7 @@ import json
 
 import numpy as np
 import pytest
+from _cli_checks import assert_one_line_error
 
 pytestmark = pytest.mark.slow
 
@@ -20,12 +21,6 @@ def _ok(result):
 def _runs(store):
     with store.read() as con:
         return con.execute("SELECT run_id, stage, status FROM runs ORDER BY run_id").fetchall()
-
-
-def _one_line_error(result, fragment):
-    assert result.exit_code == 1, result.output
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("Error: ") and fragment in lines[0], lines
 
 
 def _flat_scores(store, run_id):
@@ -68,14 +63,14 @@ def test_stability_of_three_seeds_and_bad_inputs(cli, store, one_thread):
 
     rank_id = _ok(cli("rank", ids[0], "--topk", "30")).stdout.split()[0]
     before = _runs(store)
-    _one_line_error(cli("analyze", "stability", ids[0]), "needs at least 2 score runs, got 1")
-    _one_line_error(cli("analyze", "stability", ids[0], rank_id), "is a rank run")
-    _one_line_error(
+    assert_one_line_error(cli("analyze", "stability", ids[0]), "needs at least 2 score runs, got 1")
+    assert_one_line_error(cli("analyze", "stability", ids[0], rank_id), "is a rank run")
+    assert_one_line_error(
         cli("analyze", "stability", *ids[:2], "--k-values", "100000000"), "larger than the ranking"
     )
-    _one_line_error(cli("analyze", "stabilty", *ids[:2]), "did you mean 'stability'")
-    _one_line_error(cli("analyze", "profile", ids[0], "-o", "nope=1"), "has no option 'nope'")
-    _one_line_error(cli("analyze", "profile", ids[0], "--k", "3"), "has no option 'k'")
+    assert_one_line_error(cli("analyze", "stabilty", *ids[:2]), "did you mean 'stability'")
+    assert_one_line_error(cli("analyze", "profile", ids[0], "-o", "nope=1"), "has no option 'nope'")
+    assert_one_line_error(cli("analyze", "profile", ids[0], "--k", "3"), "has no option 'k'")
     assert _runs(store) == before
 
 

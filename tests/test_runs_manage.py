@@ -10,6 +10,7 @@ from pathlib import Path
 
 import duckdb
 import pytest
+from _cli_checks import assert_one_line_error
 from _demo_store import demo_store, demo_template  # noqa: F401
 from _store_access import store_rows
 from test_sql_files import EXAMPLES, same_rows
@@ -20,12 +21,6 @@ from cwa.store import Store
 
 def _snapshot(store: Path) -> list[tuple]:
     return store_rows(store, "SELECT run_id, status FROM runs ORDER BY run_id")
-
-
-def _one_line_error(result, needle: str) -> None:
-    assert result.exit_code == 1, result.output
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("Error: ") and needle in lines[0], lines
 
 
 def test_compare_marks_differences(cli, store: Store) -> None:
@@ -61,9 +56,9 @@ def test_compare_marks_differences(cli, store: Store) -> None:
 
 
 def test_compare_bad_input(cli, demo_store: Path) -> None:
-    _one_line_error(cli("runs", "compare", "latest:score"), "at least two runs")
-    _one_line_error(cli("runs", "compare", "latest:score", "NOPE"), "no run matches 'NOPE'")
-    _one_line_error(
+    assert_one_line_error(cli("runs", "compare", "latest:score"), "at least two runs")
+    assert_one_line_error(cli("runs", "compare", "latest:score", "NOPE"), "no run matches 'NOPE'")
+    assert_one_line_error(
         cli("runs", "compare", "latest:score", "latest:score"), "the same run is given twice"
     )
 
@@ -101,7 +96,7 @@ def test_tags_and_notes_are_stored_shown_and_removed(cli, demo_store: Path) -> N
 )
 def test_tag_bad_input(cli, demo_store: Path, args, needle) -> None:
     before = _snapshot(demo_store)
-    _one_line_error(cli("runs", "tag", *args), needle)
+    assert_one_line_error(cli("runs", "tag", *args), needle)
     assert _snapshot(demo_store) == before
     assert store_rows(demo_store, "SELECT count(*) FROM run_tags")[0][0] == 0
 
@@ -182,12 +177,12 @@ def test_export_of_one_run_reports_missing_parents_on_import(
 
 def test_export_bad_input_changes_nothing(cli, demo_store: Path, tmp_path: Path) -> None:
     out = tmp_path / "never"
-    _one_line_error(cli("runs", "export", "NOPE", "--to", str(out)), "no run matches 'NOPE'")
+    assert_one_line_error(cli("runs", "export", "NOPE", "--to", str(out)), "no run matches 'NOPE'")
     assert not out.exists()
     busy = tmp_path / "busy"
     busy.mkdir()
     (busy / "keep.txt").write_text("x")
-    _one_line_error(cli("runs", "export", "latest", "--to", str(busy)), "not an empty folder")
+    assert_one_line_error(cli("runs", "export", "latest", "--to", str(busy)), "not an empty folder")
     assert [p.name for p in busy.iterdir()] == ["keep.txt"]
 
 
@@ -206,7 +201,9 @@ def test_import_into_a_store_with_a_newer_schema_is_refused(
     con = duckdb.connect(str(target / "cwa.duckdb"))
     con.execute("INSERT INTO cwa_migrations VALUES (99, '0099_future.sql', 'x', now())")
     con.close()
-    _one_line_error(cli("--store", str(target), "db", "import", str(out)), "newer than this cwa")
+    assert_one_line_error(
+        cli("--store", str(target), "db", "import", str(out)), "newer than this cwa"
+    )
     assert store_rows(target, "SELECT count(*) FROM runs")[0][0] == 0
     assert list((target / "artifacts").iterdir()) == []
 
@@ -221,7 +218,7 @@ def test_import_of_an_older_export_or_damaged_artifacts_is_refused(
     provenance["schema"] = provenance["schema"][:-1]
     (old / "provenance.json").write_text(json.dumps(provenance))
     target = tmp_path / "target"
-    _one_line_error(
+    assert_one_line_error(
         cli("--store", str(target), "db", "import", str(old)), "newer schema than the export"
     )
     assert not target.exists()
@@ -229,14 +226,18 @@ def test_import_of_an_older_export_or_damaged_artifacts_is_refused(
     shutil.copytree(out, damaged)
     (score_file,) = damaged.glob("artifacts/*/scores.safetensors")
     score_file.write_bytes(score_file.read_bytes()[:-1] + b"\x00")
-    _one_line_error(cli("--store", str(target), "db", "import", str(damaged)), "does not match")
+    assert_one_line_error(
+        cli("--store", str(target), "db", "import", str(damaged)), "does not match"
+    )
     assert not target.exists()
-    _one_line_error(
+    assert_one_line_error(
         cli("--store", str(target), "db", "import", str(tmp_path / "nope")), "not a folder"
     )
     empty = tmp_path / "empty"
     empty.mkdir()
-    _one_line_error(cli("--store", str(target), "db", "import", str(empty)), "not a cwa export")
+    assert_one_line_error(
+        cli("--store", str(target), "db", "import", str(empty)), "not a cwa export"
+    )
     assert not target.exists()
 
 

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import duckdb
 import pytest
+from _cli_checks import assert_one_line_error
 from _demo_store import demo_store, demo_template  # noqa: F401
 
 from cwa.errors import InvalidInput
@@ -187,9 +188,7 @@ def test_parameters_are_bound_not_interpolated(cli, demo_store: Path, tmp_path: 
 def test_bad_named_query_input_is_one_line(cli, demo_store: Path, args, needle) -> None:
     before = _runs_snapshot(demo_store)
     result = cli("sql", "--file", str(EXAMPLES), *args)
-    assert result.exit_code == 1
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("Error: ") and needle in lines[0], lines
+    assert_one_line_error(result, needle)
     assert _runs_snapshot(demo_store) == before
 
 
@@ -212,9 +211,7 @@ def test_bad_sql_files_are_refused_and_change_nothing(
     if content is not None:
         path.write_text(content)
     result = cli("sql", "--file", str(path), *args)
-    assert result.exit_code == 1
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("Error: ") and needle in lines[0], lines
+    assert_one_line_error(result, needle)
     assert _runs_snapshot(demo_store) == before
 
 

@@ -8,6 +8,7 @@ import json
 from pathlib import Path
 
 import pytest
+from _cli_checks import assert_error_is_last_line
 
 from cwa.store import Store
 from cwa.store.results import run_ids
@@ -71,11 +72,7 @@ def test_bad_options_register_no_run(cli, tiny_world, store_path, tmp_path, rank
         args = (*args, "--eval", f"perplexity:{tiny_world['text']}")
     before = run_ids(Store(store_path))
     result = cli(*args)
-    assert result.exit_code != 0
-    lines = result.stderr.strip().splitlines()
-    errors = [line for line in lines if line.startswith("Error: ")]
-    assert len(errors) == 1 and lines[-1] == errors[0] and message in errors[0], lines
-    assert "Traceback" not in result.stderr
+    assert_error_is_last_line(result, message)
     assert run_ids(Store(store_path)) == before  # nothing registered, not even a failed run
 
 

@@ -7,6 +7,7 @@ import json
 
 import pytest
 import torch
+from _cli_checks import assert_error_is_last_line
 from _store_access import store_rows
 from safetensors import safe_open
 
@@ -241,11 +242,7 @@ def test_stage_bad_input(cli, tiny_world, store_path, args, message) -> None:
     if args[0] == "score":
         args = (*args, "--model", str(tiny_world["model"]))
     result = cli(*args)
-    assert result.exit_code != 0
-    lines = result.stderr.strip().splitlines()
-    errors = [line for line in lines if line.startswith("Error: ")]
-    assert len(errors) == 1 and lines[-1] == errors[0] and message in errors[0], lines
-    assert "Traceback" not in result.stderr
+    assert_error_is_last_line(result, message)
     if store_path.exists():  # nothing registered: no run, failed or otherwise
         assert store_rows(store_path, "SELECT count(*) FROM runs") == [(0,)]
 
