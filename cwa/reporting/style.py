@@ -315,12 +315,21 @@ def _plain_log_labels(fig: Figure) -> None:
 def render_formats(fig: Figure, formats: Sequence[str]) -> dict[str, bytes]:
     """The figure in each format (always PNG, first), laid out once.
 
-    The PNG save runs the layout engine on the renderer that rasterises it (one text
-    measurement for both); the layout is then frozen, so the PDF and SVG reuse those positions.
+    The layout engine runs once, on the Agg renderer at the PNG's resolution that the PNG save
+    then reuses (one text measurement for layout and raster: matplotlib caches text metrics per
+    renderer); the layout is then frozen, so the PNG, PDF and SVG share those positions.
+    (``savefig`` with a layout engine would lay out twice per save, and again per format.)
     """
     _plain_log_labels(fig)
+    engine = fig.get_layout_engine()
+    if engine is not None:
+        fig.set_dpi(PNG_DPI)
+        if hasattr(fig.canvas, "get_renderer"):
+            engine.execute(fig)  # measures text on fig.canvas.get_renderer(), kept by the canvas
+        else:  # pragma: no cover - a non-Agg canvas
+            fig.draw_without_rendering()
+        freeze_layout(fig)
     rendered = {"png": figure_bytes(fig, "png")}
-    freeze_layout(fig)
     for fmt in formats:
         if fmt not in rendered:
             rendered[fmt] = figure_bytes(fig, fmt)
