@@ -12,6 +12,7 @@ from rich.progress import (
     TimeRemainingColumn,
 )
 
+from cwa.progress import NULL_REPORTER, TaskHandle
 from cwa_cli import _output
 
 
@@ -26,14 +27,6 @@ class _RichTask:
     def close(self) -> None:
         self._reporter.progress.remove_task(self._task_id)
         self._reporter._task_closed()
-
-
-class _QuietTask:
-    def advance(self, n: int = 1) -> None:
-        pass
-
-    def close(self) -> None:
-        pass
 
 
 class RichReporter:
@@ -54,9 +47,9 @@ class RichReporter:
         self._open = 0
         self._started = False
 
-    def task(self, description: str, total: int | None = None) -> _RichTask | _QuietTask:
+    def task(self, description: str, total: int | None = None) -> TaskHandle:
         if self.quiet:
-            return _QuietTask()
+            return NULL_REPORTER.task(description, total)
         if not self._started:
             self.progress.start()
             self._started = True
