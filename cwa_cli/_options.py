@@ -29,6 +29,15 @@ ModelOpt = Annotated[
 ]
 DtypeOpt = Annotated[str, typer.Option("--dtype", help="auto, float32, bfloat16 or float16.")]
 DeviceOpt = Annotated[str, typer.Option("--device", help="auto, cpu, cuda, cuda:N or mps.")]
+DeviceMapOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--device-map",
+        help="Spread the model over devices with accelerate: auto, balanced, or a JSON file "
+        "{module: device} (GPU index, cuda:N, mps, cpu, disk). Needs the multi-device extra.",
+        show_default=False,
+    ),
+]
 TrustRemoteCodeOpt = Annotated[
     bool,
     typer.Option("--trust-remote-code", help="Allow model code from the hub (off by default)."),

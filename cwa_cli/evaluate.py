@@ -11,6 +11,7 @@ from cwa_cli._boundary import error_boundary
 from cwa_cli._common import command_line, mlflow_flag, open_store, print_choices, reporter_for
 from cwa_cli._options import (
     BatchSizeOpt,
+    DeviceMapOpt,
     DeviceOpt,
     DtypeOpt,
     ExperimentLabelOpt,
@@ -82,6 +83,7 @@ def evaluate_cmd(
     experiment: ExperimentLabelOpt = "default",
     dtype: DtypeOpt = "auto",
     device: DeviceOpt = "auto",
+    device_map: DeviceMapOpt = None,
     trust_remote_code: TrustRemoteCodeOpt = False,
     list_tasks: ListOpt = False,
 ) -> None:
@@ -105,7 +107,7 @@ def evaluate_cmd(
     if (run is None) == (model is None):
         raise UsageError("pass either --model MODEL or a RUN whose model to evaluate")
     config = EvaluateConfig(
-        model=ModelOptions(model or "", dtype, device, trust_remote_code),
+        model=ModelOptions(model or "", dtype, device, trust_remote_code, device_map),
         from_run=run,
         tasks=tasks,
         limit=limit,

@@ -16,7 +16,7 @@ from cwa_cli._common import (
     print_outcomes,
     reporter_for,
 )
-from cwa_cli._options import ComponentsOpt, DeviceOpt, LayersOpt, ListOpt
+from cwa_cli._options import ComponentsOpt, DeviceMapOpt, DeviceOpt, LayersOpt, ListOpt
 from cwa_cli._state import state
 
 
@@ -85,6 +85,7 @@ def perturb_cmd(
     limit: Annotated[int | None, typer.Option("--limit", help="Items per task.")] = None,
     batch_size: Annotated[int, typer.Option("--batch-size", help="Evaluation batch size.")] = 16,
     device: DeviceOpt = "auto",
+    device_map: DeviceMapOpt = None,
     experiment: Annotated[
         str | None, typer.Option("--experiment", "-e", help="Label (default: the rank run's).")
     ] = None,
@@ -131,6 +132,7 @@ def perturb_cmd(
         limit=limit,
         batch_size=batch_size,
         device=device,
+        device_map=device_map,
         experiment=experiment,
         command=command_line(),
         items=not no_items,

@@ -9,7 +9,7 @@ import typer
 from cwa_cli import _output
 from cwa_cli._boundary import error_boundary
 from cwa_cli._common import command_line, mlflow_flag, open_store, print_outcomes, reporter_for
-from cwa_cli._options import ComponentsOpt, LayersOpt
+from cwa_cli._options import ComponentsOpt, DeviceMapOpt, LayersOpt
 from cwa_cli._state import state
 
 
@@ -51,6 +51,7 @@ def rank_cmd(
     ] = False,
     layers: LayersOpt = None,
     components: ComponentsOpt = None,
+    device_map: DeviceMapOpt = None,
     export: Annotated[
         str | None, typer.Option("--export", help="Also write the rows to a .csv or .parquet file.")
     ] = None,
@@ -91,6 +92,7 @@ def rank_cmd(
         export=export,
         experiment=experiment,
         command=command_line(),
+        device_map=device_map,
     )
     with reporter_for(ctx) as reporter:
         outcome = run_rank(

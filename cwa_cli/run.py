@@ -12,6 +12,7 @@ from cwa_cli._common import command_line, mlflow_flag, open_store, reporter_for
 from cwa_cli._options import (
     BatchSizeOpt,
     DataOpt,
+    DeviceMapOpt,
     DeviceOpt,
     DtypeOpt,
     ExperimentLabelOpt,
@@ -64,6 +65,7 @@ def run_cmd(
     experiment: ExperimentLabelOpt = "default",
     dtype: DtypeOpt = "auto",
     device: DeviceOpt = "auto",
+    device_map: DeviceMapOpt = None,
     trust_remote_code: TrustRemoteCodeOpt = False,
     k_values: Annotated[
         str | None,
@@ -130,7 +132,7 @@ def run_cmd(
     from cwa.stages.score import DataOptions
 
     config = PipelineConfig(
-        model=ModelOptions(model, dtype, device, trust_remote_code),
+        model=ModelOptions(model, dtype, device, trust_remote_code, device_map),
         metric=metric,
         data=DataOptions(data, text_column, n_samples, seq_len, batch_size),
         topk=topk,

@@ -19,6 +19,7 @@ from cwa_cli._options import (
     BatchSizeOpt,
     ComponentsOpt,
     DataOpt,
+    DeviceMapOpt,
     DeviceOpt,
     DtypeOpt,
     ExperimentLabelOpt,
@@ -65,6 +66,7 @@ def score_cmd(
     experiment: ExperimentLabelOpt = "default",
     dtype: DtypeOpt = "auto",
     device: DeviceOpt = "auto",
+    device_map: DeviceMapOpt = None,
     trust_remote_code: TrustRemoteCodeOpt = False,
     metric_option: Annotated[
         list[str] | None,
@@ -93,7 +95,7 @@ def score_cmd(
     from cwa.stages.score import DataOptions, ScoreConfig, parse_metric_options, run_score
 
     config = ScoreConfig(
-        model=ModelOptions(model, dtype, device, trust_remote_code),
+        model=ModelOptions(model, dtype, device, trust_remote_code, device_map),
         metric=metric,
         data=DataOptions(data, text_column, n_samples, seq_len, batch_size, heldout_fraction),
         seeds=parse_seeds(seeds, seed),

@@ -69,10 +69,10 @@ def model_max_length(model: Any, tokenizer: Any = None) -> int:
 
 
 def model_device(model: Any) -> torch.device:
-    try:
-        return next(model.parameters()).device
-    except StopIteration:  # pragma: no cover - a model without parameters
-        return torch.device("cpu")
+    """Where token ids go: the input embedding's device (also under a device map)."""
+    from cwa.models.device_map import input_device
+
+    return input_device(model)
 
 
 @contextmanager

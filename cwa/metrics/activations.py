@@ -91,7 +91,8 @@ def _real_tokens(x: torch.Tensor, token_mask: torch.Tensor, name: str) -> torch.
             f"activations of {name!r} have shape {tuple(x.shape)}, not [batch, tokens, channels]; "
             "activation metrics cannot exclude padding here; use a gradient metric"
         )
-    return x.reshape(-1, x.shape[-1])[token_mask.reshape(-1)]
+    # Under a device map the module may live on another device than the token ids.
+    return x.reshape(-1, x.shape[-1])[token_mask.reshape(-1).to(x.device)]
 
 
 def _forward_calibration(
@@ -127,6 +128,11 @@ def _forward_calibration(
 # -- wanda ------------------------------------------------------------------------------------
 
 
+def _device_of(ctx: ScoringContext, name: str) -> torch.device:
+    device = ctx.parameters[name].device
+    return ctx.device if device.type == "meta" else device
+
+
 def _wanda_plan(ctx: ScoringContext) -> list[str]:
     owners = linear_weights(ctx.model)
     plan = [name for name in ctx.selected if name in owners]
@@ -141,16 +147,17 @@ def _wanda_plan(ctx: ScoringContext) -> list[str]:
 def _wanda(ctx: ScoringContext) -> Iterator[tuple[str, torch.Tensor]]:
     owners = linear_weights(ctx.model)
     plan = [name for name in ctx.selected if name in owners]
-    device = ctx.device
-    sum_squares = {
-        n: torch.zeros(owners[n].in_features, dtype=torch.float32, device=device) for n in plan
+    sum_squares = {  # on each weight's own device (device maps spread them)
+        n: torch.zeros(owners[n].in_features, dtype=torch.float32, device=_device_of(ctx, n))
+        for n in plan
     }
     token_mask: list[torch.Tensor] = []
 
     def make_hook(name: str):  # noqa: ANN202 - torch hook signature
         def hook(module: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
             x = _real_tokens(_first_input(args, kwargs), token_mask[0], name)
-            sum_squares[name].add_(x.float().square().sum(dim=0))
+            total = sum_squares[name]
+            total.add_(x.float().square().sum(dim=0).to(total.device))
 
         return hook
 

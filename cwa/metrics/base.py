@@ -51,7 +51,10 @@ class ScoringContext:
 
     @property
     def device(self) -> torch.device:
-        return next(iter(self.parameters.values())).device
+        """Where calibration inputs go: the input embedding's device (device maps included)."""
+        from cwa.models.device_map import input_device
+
+        return input_device(self.model)
 
 
 ComputeFn = Callable[[ScoringContext], Iterable[tuple[str, torch.Tensor]]]
@@ -209,11 +212,11 @@ def token_nll(
     vocab = logits.shape[-1]
     nll = torch.nn.functional.cross_entropy(
         logits.reshape(-1, vocab).float(),
-        labels.reshape(-1),
+        labels.reshape(-1).to(logits.device),  # the head's device under a device map
         ignore_index=IGNORE_INDEX,
         reduction="none",
     )
-    return nll.view(input_ids.shape), mask
+    return nll.view(input_ids.shape).to(input_ids.device), mask
 
 
 def check_finite_loss(value: torch.Tensor, where: str) -> None:
@@ -228,7 +231,9 @@ def calibration_loss(
     model: torch.nn.Module, batches: Sequence[Batch], reporter: Reporter | None = None
 ) -> tuple[float, int]:
     """(L, N): mean next-token NLL over all non-padding targets, and N, without gradients."""
-    device = next(model.parameters()).device
+    from cwa.models.device_map import input_device
+
+    device = input_device(model)
     total = torch.zeros((), dtype=torch.float64)
     tokens = 0
     handle = (reporter or NULL_REPORTER).task("calibration loss (batches)", len(batches))

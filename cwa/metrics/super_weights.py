@@ -83,13 +83,15 @@ def _activation_maxima(
         def pre_hook(module: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
             x = _real_tokens(_first_input(args, kwargs), token_mask[0], name)
             if x.shape[0]:
-                torch.maximum(input_max[name], x.abs().amax(dim=0).float(), out=input_max[name])
+                top = x.abs().amax(dim=0).float().to(input_max[name].device)
+                torch.maximum(input_max[name], top, out=input_max[name])
 
         def post_hook(module: Any, args: Any, kwargs: Any, output: Any) -> None:
             y = output[0] if isinstance(output, tuple) else output
             y = _real_tokens(y, token_mask[0], name)
             if y.shape[0]:
-                torch.maximum(output_max[name], y.abs().amax(dim=0).float(), out=output_max[name])
+                top = y.abs().amax(dim=0).float().to(output_max[name].device)
+                torch.maximum(output_max[name], top, out=output_max[name])
 
         return pre_hook, post_hook
 

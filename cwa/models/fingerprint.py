@@ -83,6 +83,10 @@ def model_fingerprint(model: nn.Module, *, reporter: Reporter | None = None) -> 
     try:
         for name, param in params:
             tensor = param.detach()
+            if tensor.device.type == "meta" and hasattr(model, "hf_device_map"):
+                from cwa.models.device_map import offloaded_value  # weights offloaded to disk
+
+                tensor = offloaded_value(model, name).detach()
             if tensor.device.type == "meta":
                 raise ModelLoadError(
                     f"parameter {name} has no data (meta device); load the weights before "

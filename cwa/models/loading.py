@@ -157,6 +157,7 @@ def load_model(
     attn_implementation: str | None = None,
     reporter: Reporter | None = None,
     load_tokenizer: bool = True,
+    device_map: str | dict[str, Any] | None = None,
 ) -> LoadedModel:
     """Load a causal LM by local folder, Hugging Face name, GGUF file, or ``toy`` / ``toy-llama``.
 
@@ -164,13 +165,22 @@ def load_model(
     auto|cpu|cuda|cuda:N|mps (see :func:`resolve_device`); ``attn_implementation``: None for
     the transformers default, or e.g. ``"eager"`` (needed for double backward) / ``"sdpa"``.
     The model comes back in ``eval()`` mode. ``load_tokenizer=False`` skips the tokenizer
-    (``tokenizer`` is then None), for commands that only look at weights.
+    (``tokenizer`` is then None), for commands that only look at weights. ``device_map``:
+    ``auto``/``balanced``/... or a {module: device} dict, loaded through accelerate (see
+    :mod:`cwa.models.device_map`); checked against the model before any weight is read.
     """
     reporter = reporter or NULL_REPORTER
     torch_device = resolve_device(device)
+    from cwa.models.device_map import check_device_map, describe, parse_device_map
     from cwa.models.gguf import find_gguf, load_gguf  # a .gguf file: cwa/models/gguf.py
 
+    device_map = parse_device_map(device_map)
     gguf = find_gguf(ref)
+    if gguf is not None and device_map is not None:
+        raise InvalidInput(
+            "--device-map applies to Hugging Face folders and names, not GGUF files; convert "
+            "the GGUF with save_pretrained, or load it on one --device"
+        )
     if gguf is not None:
         return load_gguf(
             gguf,
@@ -187,6 +197,14 @@ def load_model(
     offline = _hub_offline()
     config = _load_config(source, ref, local, trust_remote_code, offline)
     _check_causal_lm(config, ref, trust_remote_code)
+    if device_map is not None:
+        check_device_map(device_map, config, trust_remote_code)
+        first_device = next(
+            (torch.device(d if not isinstance(d, int) else f"cuda:{d}") for d in
+             (device_map.values() if isinstance(device_map, dict) else []) if d != "disk"),
+            torch_device,
+        )  # fmt: skip
+        torch_device = first_device
     torch_dtype = resolve_dtype(dtype, torch_device, config)
 
     from transformers import AutoModelForCausalLM
@@ -199,7 +217,10 @@ def load_model(
     }
     if attn_implementation:
         kwargs["attn_implementation"] = attn_implementation
-    if torch_device.type != "cpu":
+    if device_map is not None:
+        kwargs["device_map"] = device_map
+        kwargs["offload_folder"] = _offload_folder()
+    elif torch_device.type != "cpu":
         kwargs["device_map"] = str(torch_device)  # load straight onto the accelerator
     reporter.info(f"loading {ref} ({str(torch_dtype).removeprefix('torch.')}, {torch_device})")
     try:
@@ -245,7 +266,7 @@ def load_model(
             f"ignored {len(unexpected)} checkpoint tensor(s) the model does not use (e.g. "
             f"{unexpected[0]})"
         )
-    if next(model.parameters()).device != torch_device:
+    if device_map is None and next(model.parameters()).device != torch_device:
         model = model.to(torch_device)
     model.eval()
 
@@ -276,11 +297,22 @@ def load_model(
         ref=ref,
         path=str(folder) if folder is not None else None,
         fingerprint=fingerprint,
-        device=str(first.device),
+        device=describe(model, str(first.device)),
         dtype=str(first.dtype).removeprefix("torch."),
         arch=arch,
         attn_implementation=str(attn),
     )
+
+
+def _offload_folder() -> str:
+    """A per-process folder for weights a device map puts on 'disk' (removed at exit)."""
+    import atexit
+    import shutil
+    import tempfile
+
+    folder = tempfile.mkdtemp(prefix="cwa-offload-")
+    atexit.register(shutil.rmtree, folder, True)
+    return folder
 
 
 @contextmanager

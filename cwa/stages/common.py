@@ -19,6 +19,7 @@ class ModelOptions:
     dtype: str = "auto"
     device: str = "auto"
     trust_remote_code: bool = False
+    device_map: str | None = None  # auto|balanced|FILE.json (cwa.models.device_map)
 
 
 def is_toy_ref(ref: str | None) -> bool:

@@ -164,6 +164,7 @@ def run_evaluate(
             device=config.model.device,
             trust_remote_code=config.model.trust_remote_code,
             reporter=reporter,
+            device_map=config.model.device_map,
         )
     if config.from_run is not None and source.model_fingerprint not in (None, loaded.fingerprint):
         raise InvalidInput(

@@ -74,6 +74,7 @@ class PerturbConfig:
     batch_size: int = 16
     eval_seed: int = 0
     device: str = "auto"
+    device_map: str | None = None  # auto|balanced|FILE.json
     experiment: str | None = None
     command: str | None = None
     items: bool = True  # per-item records in evaluation_items (issue 9; --no-items)
@@ -169,7 +170,13 @@ def prepare_perturb(
                 parents.append((stored[0], "baseline"))
 
     loaded = load_source_model(
-        store, score_run, device=config.device, reporter=reporter, loaded=loaded
+        store,
+        score_run,
+        device=config.device,
+        reporter=reporter,
+        loaded=loaded,
+        device_map=config.device_map,
+        stage="perturb",
     )
     arch = loaded.arch
     scope, scope_record = perturb_scope(arch, score_run, rank_run, config)

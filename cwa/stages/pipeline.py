@@ -101,6 +101,7 @@ def run_pipeline(
             trust_remote_code=config.model.trust_remote_code,
             attn_implementation="eager" if config.metric in _DOUBLE_BACKWARD else None,
             reporter=reporter,
+            device_map=config.model.device_map,
         )
     reporter.info("[1/4] score")
     score, *extra_scores = run_score(

@@ -37,6 +37,7 @@ class RankConfig:
     components: list[str] | None = None
     export: str | None = None  # .csv or .parquet path for the ranked rows
     device: str = "cpu"
+    device_map: str | None = None  # auto|balanced|FILE.json
     experiment: str | None = None  # default: the score run's experiment
     command: str | None = None
     by: str | None = None  # "abs" | "value"; None: abs for signed metrics, value otherwise
@@ -131,7 +132,13 @@ def run_rank(
         )
     by = config.by or ("abs" if score_run.config.get("signed") else "value")
     loaded_model = load_source_model(
-        store, score_run, device=config.device, reporter=reporter, loaded=loaded
+        store,
+        score_run,
+        device=config.device,
+        reporter=reporter,
+        loaded=loaded,
+        device_map=config.device_map,
+        stage="rank",
     )
     if config.layers:
         for layer in config.layers:

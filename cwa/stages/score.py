@@ -197,7 +197,11 @@ def run_score(
             trust_remote_code=config.model.trust_remote_code,
             attn_implementation=attn,
             reporter=reporter,
+            device_map=config.model.device_map,
         )
+    from cwa.models.device_map import require_materialized
+
+    require_materialized(loaded.model, "score")  # gradients need real tensors
     check_layers(config.layers, loaded.arch.n_layers)
     outcomes = []
     for seed in config.seeds:

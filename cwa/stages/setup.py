@@ -22,9 +22,20 @@ if TYPE_CHECKING:
 
 
 def load_source_model(
-    store: Store, run: RunRecord, *, device: str, reporter: Reporter, loaded: Any = None
+    store: Store,
+    run: RunRecord,
+    *,
+    device: str,
+    reporter: Reporter,
+    loaded: Any = None,
+    device_map: str | None = None,
+    stage: str = "this stage",
 ) -> Any:
-    """Reload the model a run used (or take ``loaded``) and check it has the same weights."""
+    """Reload the model a run used (or take ``loaded``) and check it has the same weights.
+
+    ``device_map`` (``auto``/``balanced``/FILE.json) spreads it over devices; weights it
+    offloads are refused (the callers edit weights or read them in place).
+    """
     if loaded is not None:
         if run.model_fingerprint and loaded.fingerprint != run.model_fingerprint:
             raise InvalidInput(
@@ -41,7 +52,11 @@ def load_source_model(
         device=device,
         trust_remote_code=bool(model_cfg.get("trust_remote_code", False)),
         reporter=reporter,
+        device_map=device_map,
     )
+    from cwa.models.device_map import require_materialized
+
+    require_materialized(loaded.model, stage)
     if run.model_fingerprint and loaded.fingerprint != run.model_fingerprint:
         raise InvalidInput(
             f"model {run.model_ref!r} has changed since run {run.run_id} used it (fingerprint "
