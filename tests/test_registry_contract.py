@@ -8,6 +8,7 @@ import math
 
 import pytest
 import torch
+from _store_access import store_rows
 
 from cwa.errors import InvalidInput, UnknownName
 from cwa.evaluation.tasks import TASKS
@@ -191,18 +192,13 @@ def test_plugin_control_and_method_end_to_end(cli, tiny_world, store_path, tmp_p
                      "--eval", f"perplexity:{tiny_world['text']}")  # fmt: skip
         assert result.exit_code == 0, result.stderr
         run_id = json.loads(result.stdout)["runs"][0]["run_id"]
-        from cwa.store import Store
-
-        with Store(store_path).read() as con:
-            conds = con.execute(
-                "SELECT selection, method, k, n_changed FROM perturbation_conditions "
-                "WHERE run_id = ? ORDER BY selection", [run_id]).fetchall()  # fmt: skip
-            view = con.execute(
-                "SELECT selection, group_key, treatment_k, selected_k FROM "
-                "condition_group_counts WHERE run_id = ?", [run_id]).fetchall()  # fmt: skip
-            ranked = con.execute(
-                "SELECT group_key, count(*) FROM ranked_weights WHERE run_id = ? GROUP BY ALL",
-                [rank]).fetchall()  # fmt: skip
+        conds = store_rows(store_path, "SELECT selection, method, k, n_changed FROM "
+                           "perturbation_conditions WHERE run_id = ? ORDER BY selection",
+                           [run_id])  # fmt: skip
+        view = store_rows(store_path, "SELECT selection, group_key, treatment_k, selected_k FROM "
+                          "condition_group_counts WHERE run_id = ?", [run_id])  # fmt: skip
+        ranked = store_rows(store_path, "SELECT group_key, count(*) FROM ranked_weights "
+                            "WHERE run_id = ? GROUP BY ALL", [rank])  # fmt: skip
         assert [c[0] for c in conds] == ["first_in_group", "random_k", "top_k"]
         assert {c[1] for c in conds} == {"halve"}
         n = sum(k for _, k in ranked)
@@ -282,12 +278,12 @@ def test_entry_point_plugins_end_to_end(cli, tiny_world, store_path, tmp_path, m
                      "--eval", f"perplexity:{tiny_world['text']}")  # fmt: skip
         assert result.exit_code == 0, result.stderr
         run_id = json.loads(result.stdout)["runs"][0]["run_id"]
-        from cwa.store import Store
-
-        with Store(store_path).read() as con:
-            rows = con.execute(
-                "SELECT selection, method, treatment_k = selected_k FROM condition_group_counts "
-                "JOIN perturbation_conditions USING (run_id, condition_id, selection, method) "
-                "WHERE run_id = ?", [run_id]).fetchall()  # fmt: skip
+        rows = store_rows(
+            store_path,
+            "SELECT selection, method, treatment_k = selected_k FROM condition_group_counts "
+            "JOIN perturbation_conditions USING (run_id, condition_id, selection, method) "
+            "WHERE run_id = ?",
+            [run_id],
+        )
         assert {(s, m) for s, m, _ in rows} == {("top_k", "halve"), ("first_in_group", "halve")}
         assert all(ok for *_, ok in rows)
