@@ -26,7 +26,9 @@ items are ordered by context length, longest first, and whole items are packed i
 at most ``batch_size`` sequences; one forward pass per batch; continuation
 log-probabilities are gathered with tensor indexing (no per-token Python loop). When the model
 accepts ``logits_to_keep`` only the positions from the earliest continuation start onwards go
-through the LM head.
+through the LM head. Requests of a batch that share a context (the endings of a
+multiple-choice item) are scored from one copy of it: the context once, the endings from its KV
+cache (:mod:`cwa.evaluation.prefix_cache`; the same numbers up to float rounding).
 """
 
 from __future__ import annotations
@@ -214,8 +216,14 @@ def score_requests(
     max_length: int | None = None,
     reporter: Reporter | None = None,
     description: str = "scoring",
+    share_contexts: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Log-likelihood (float64) and is-greedy (bool) of every request, in request order."""
+    """Log-likelihood (float64) and is-greedy (bool) of every request, in request order.
+
+    ``share_contexts``: a batch whose requests share a context (multiple choice) scores that
+    context once and the continuations from its KV cache (:mod:`cwa.evaluation.prefix_cache`)
+    where the model supports it; False always feeds every ``context + continuation`` whole.
+    """
     reporter = reporter or NULL_REPORTER
     n = len(requests)
     logliks = torch.zeros(n, dtype=torch.float64)
@@ -235,20 +243,44 @@ def score_requests(
             )
     device = model_device(model)
     keep_logits = _accepts_logits_to_keep(model)
-    handle = reporter.task(description, n)
     from cwa import distributed
+    from cwa.evaluation.prefix_cache import (
+        score_shared_batch,
+        shared_members,
+        supports_prefix_cache,
+    )
+
+    share_contexts = share_contexts and supports_prefix_cache(model)
+    handle = reporter.task(description, n)
 
     try:
         with eval_mode(model):
             for number, batch in enumerate(plan_batches(requests, batch_size)):
                 if not distributed.owns(number):  # torchrun: another rank scores this batch
                     continue
-                ll, gr = _score_batch(
-                    model, [requests[i] for i in batch], max_length, device, keep_logits
-                )
-                index = torch.tensor(batch, dtype=torch.long)
-                logliks[index] = ll
-                greedy[index] = gr
+                rest = list(batch)
+                if share_contexts:
+                    members = [requests[i] for i in batch]
+                    picked = [batch[i] for i in shared_members(members, max_length)]
+                    scored = None
+                    if picked:
+                        from cwa.evaluation.lm_head import split_model
+
+                        scored = score_shared_batch(
+                            model, [requests[i] for i in picked], device, split_model(model)
+                        )
+                    if scored is not None:
+                        index = torch.tensor(picked, dtype=torch.long)
+                        logliks[index], greedy[index] = scored
+                        taken = set(picked)
+                        rest = [i for i in batch if i not in taken]
+                if rest:
+                    ll, gr = _score_batch(
+                        model, [requests[i] for i in rest], max_length, device, keep_logits
+                    )
+                    index = torch.tensor(rest, dtype=torch.long)
+                    logliks[index] = ll
+                    greedy[index] = gr
                 handle.advance(len(batch))
     finally:
         handle.close()
