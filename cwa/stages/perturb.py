@@ -191,7 +191,9 @@ def prepare_perturb(
     for dtype in sorted({params[e.name].dtype for e in scope}, key=str):
         options.method.resolve_bit(config.bit, dtype)  # --bit outside the dtype: refused here
     if compact is not None:
-        return _compact_plan(store, config, locals())
+        base = PerturbPlan(options, rank_run, score_run, loaded, scope, scope_record, {}, None,
+                           [], "", "global", "kv", plans, parents)  # fmt: skip
+        return _compact_plan(store, config, base)
     ranking = rows_in_scope(ranked_rows(store, rank_id), scope)
     if ranking.height == 0:
         raise InvalidInput(
@@ -238,19 +240,19 @@ def _check_compact(rank_run: RunRecord, config: PerturbConfig, options: Any) -> 
         )
 
 
-def _compact_plan(store: Store, config: PerturbConfig, found: dict[str, Any]) -> PerturbPlan:
-    """The plan of a sweep over prefixes of a stored pruning-scale selection."""
+def _compact_plan(store: Store, config: PerturbConfig, base: PerturbPlan) -> PerturbPlan:
+    """``base`` completed for a sweep over prefixes of a stored pruning-scale selection."""
     from cwa.perturbation.groups import group_scopes
     from cwa.ranking_prefix import CompactRanking, resolve_k_values, selection_artifact
     from cwa.stages.score import SCORE_FILE
 
-    rank_run, score_run = found["rank_run"], found["score_run"]
+    rank_run, score_run = base.rank_run, base.score_run
     info = rank_run.config["selection"]
     ranking = CompactRanking(
         selection_artifact(store, rank_run),
         store.artifacts_dir(score_run.run_id) / SCORE_FILE,
     )
-    in_scope = {entry.name for entry in found["scope"]}
+    in_scope = {entry.name for entry in base.scope}
     outside = [name for name in ranking.names() if name not in in_scope]
     if outside:
         raise InvalidInput(
@@ -265,22 +267,10 @@ def _compact_plan(store: Store, config: PerturbConfig, found: dict[str, Any]) ->
     )
     mode = rank_run.config.get("mode", "global")
     head_grouping = rank_run.config.get("head_grouping", "kv")
-    return PerturbPlan(
-        options=found["options"],
-        rank_run=rank_run,
-        score_run=score_run,
-        loaded=found["loaded"],
-        scope=found["scope"],
-        scope_record=found["scope_record"],
-        groups=group_scopes(found["loaded"].arch, found["scope"], mode, head_grouping),
-        ranking=ranking,
-        k_values=k_values,
-        key=ranking_key(rank_run, score_run),
-        mode=mode,
-        head_grouping=head_grouping,
-        plans=found["plans"],
-        parents=found["parents"],
-    )
+    base.groups = group_scopes(base.loaded.arch, base.scope, mode, head_grouping)
+    base.ranking, base.k_values, base.key = ranking, k_values, ranking_key(rank_run, score_run)
+    base.mode, base.head_grouping = mode, head_grouping
+    return base
 
 
 def run_perturb(
