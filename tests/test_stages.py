@@ -17,24 +17,14 @@ def _ok(result) -> dict:
     return json.loads(result.stdout)
 
 
+def _tiny_model_and_data(world) -> tuple[str, ...]:
+    """The tiny world's model and a small calibration sample of its text."""
+    return ("--model", str(world["model"]), "--data", str(world["text"]),
+            "--n-samples", "8", "--seq-len", "16")  # fmt: skip
+
+
 def _score(cli, world, *extra: str) -> list[str]:
-    out = _ok(
-        cli(
-            "--json",
-            "score",
-            "--model",
-            str(world["model"]),
-            "--data",
-            str(world["text"]),
-            "--n-samples",
-            "8",
-            "--seq-len",
-            "16",
-            "--batch-size",
-            "4",
-            *extra,
-        )
-    )
+    out = _ok(cli("--json", "score", *_tiny_model_and_data(world), "--batch-size", "4", *extra))
     return [r["run_id"] for r in out["runs"]]
 
 
@@ -291,14 +281,7 @@ def test_cwa_run_chains_stages_with_lineage_and_exports(
         cli(
             "--json",
             "run",
-            "--model",
-            str(tiny_world["model"]),
-            "--data",
-            str(tiny_world["text"]),
-            "--n-samples",
-            "8",
-            "--seq-len",
-            "16",
+            *_tiny_model_and_data(tiny_world),
             "--topk",
             "20",
             "--perturb",
