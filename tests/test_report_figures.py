@@ -352,3 +352,22 @@ def test_log_tick_labels_become_plain_text_powers() -> None:
     assert "10⁻³" in shown and "10²" in shown
     assert not any("$" in label for label in shown)
     assert set(shown) <= set(expected)
+
+
+def test_frozen_ticks_leave_the_vector_output_unchanged() -> None:
+    import numpy as np
+
+    from cwa.reporting.style import figure_bytes, freeze_ticks, new_figure, pyplot, render_formats
+
+    fig, (left, right) = new_figure(1, 2)
+    left.plot([1e-3, 1e2], [0.5, 3000.0])
+    left.set_xscale("log")
+    image = right.imshow(np.arange(12.0).reshape(3, 4))
+    fig.colorbar(image, ax=right)
+    right.set_xticks(range(4), ["a", "b", "c", "d"])
+    render_formats(fig, [])  # laid out and drawn once, as in the report
+    with pyplot().rc_context({"svg.hashsalt": "cwa-test"}):
+        before = figure_bytes(fig, "svg")
+        freeze_ticks(fig)
+        after = figure_bytes(fig, "svg")
+    assert b"<text" in before and before == after

@@ -312,6 +312,31 @@ def _plain_log_labels(fig: Figure) -> None:
                     setter(plain)
 
 
+def freeze_ticks(fig: Figure) -> None:
+    """Fix every axis's tick positions and labels to those the last save drew.
+
+    Each save re-runs every locator and formatter several times (for the axes' extents, the
+    spines, the labels' placement); with the layout frozen and the limits settled, the answer
+    cannot change between formats, so the vector saves reuse it. Output is unchanged (a test
+    compares the SVG before and after).
+    """
+    from matplotlib.ticker import FixedFormatter, FixedLocator
+
+    for ax in fig.axes:
+        for axis in (ax.xaxis, ax.yaxis):
+            for ticker, set_locator, set_formatter in (
+                (axis.major, axis.set_major_locator, axis.set_major_formatter),
+                (axis.minor, axis.set_minor_locator, axis.set_minor_formatter),
+            ):
+                locations = list(ticker.locator())
+                labels = ticker.formatter.format_ticks(locations)
+                offset = ticker.formatter.get_offset()
+                fixed = FixedFormatter(labels)
+                fixed.set_offset_string(offset)
+                set_locator(FixedLocator(locations))
+                set_formatter(fixed)
+
+
 def render_formats(fig: Figure, formats: Sequence[str]) -> dict[str, bytes]:
     """The figure in each format (always PNG, first), laid out once.
 
@@ -330,6 +355,8 @@ def render_formats(fig: Figure, formats: Sequence[str]) -> dict[str, bytes]:
             fig.draw_without_rendering()
         freeze_layout(fig)
     rendered = {"png": figure_bytes(fig, "png")}
+    if any(fmt != "png" for fmt in formats):
+        freeze_ticks(fig)
     for fmt in formats:
         if fmt not in rendered:
             rendered[fmt] = figure_bytes(fig, fmt)
