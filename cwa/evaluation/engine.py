@@ -106,9 +106,23 @@ def prefix_token_id(tokenizer: Any) -> int:
 def encode_texts(
     tokenizer: Any, texts: Sequence[str], *, add_bos_token: bool | None = None
 ) -> list[list[int]]:
-    """Encode strings as the harness's ``tok_encode`` does (see the module docstring)."""
+    """Encode strings as the harness's ``tok_encode`` does (see the module docstring).
+
+    Each distinct string is encoded once (a multiple-choice context recurs per ending).
+    """
     if not texts:
         return []
+    distinct = list(dict.fromkeys(texts))
+    if len(distinct) < len(texts):
+        encoded = _encode_distinct(tokenizer, distinct, add_bos_token)
+        by_text = dict(zip(distinct, encoded, strict=True))
+        return [list(by_text[t]) for t in texts]
+    return _encode_distinct(tokenizer, texts, add_bos_token)
+
+
+def _encode_distinct(
+    tokenizer: Any, texts: Sequence[str], add_bos_token: bool | None
+) -> list[list[int]]:
     if add_bos_token is not None:
         return [
             list(ids)

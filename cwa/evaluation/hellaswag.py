@@ -121,16 +121,25 @@ class HellaSwagTask(ItemTask):
         reporter: Reporter | None = None,
     ) -> list[MetricValue]:
         from cwa.evaluation.engine import TokenRequest, encode_pairs, score_requests
+        from cwa.evaluation.prepared import prepared
 
-        indexed = self.load_indexed(plan)
+        def prepare() -> tuple[tuple[tuple[int, HellaSwagItem], ...], tuple[TokenRequest, ...]]:
+            indexed = self.load_indexed(plan)
+            items = [item for _, item in indexed]
+            pairs = [(item.query, " " + choice) for item in items for choice in item.choices]
+            owners = [k for k, item in enumerate(items) for _ in item.choices]
+            encoded = encode_pairs(
+                tokenizer, pairs, add_bos_token=plan.options.get("add_bos_token")
+            )
+            requests = tuple(
+                TokenRequest(tuple(ctx), tuple(cont), owner)
+                for (ctx, cont), owner in zip(encoded, owners, strict=True)
+            )
+            return tuple(indexed), requests
+
+        # A sweep evaluates the same items once per condition: read and tokenize them once.
+        indexed, requests = prepared(plan, tokenizer, prepare)
         items = [item for _, item in indexed]
-        pairs = [(item.query, " " + choice) for item in items for choice in item.choices]
-        owners = [k for k, item in enumerate(items) for _ in item.choices]
-        encoded = encode_pairs(tokenizer, pairs, add_bos_token=plan.options.get("add_bos_token"))
-        requests = [
-            TokenRequest(tuple(ctx), tuple(cont), owner)
-            for (ctx, cont), owner in zip(encoded, owners, strict=True)
-        ]
         logliks, _ = score_requests(
             model, requests, batch_size=batch_size, reporter=reporter, description="hellaswag"
         )

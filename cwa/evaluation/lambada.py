@@ -81,17 +81,23 @@ class LambadaTask(ItemTask):
         reporter: Reporter | None = None,
     ) -> list[MetricValue]:
         from cwa.evaluation.engine import TokenRequest, encode_pairs, score_requests
+        from cwa.evaluation.prepared import prepared
 
-        indexed = self.load_indexed(plan)
+        def prepare() -> tuple[tuple[tuple[int, LambadaItem], ...], tuple[TokenRequest, ...]]:
+            indexed = self.load_indexed(plan)
+            encoded = encode_pairs(
+                tokenizer,
+                [(item.context, item.target) for _, item in indexed],
+                add_bos_token=plan.options.get("add_bos_token"),
+            )
+            requests = tuple(
+                TokenRequest(tuple(ctx), tuple(cont), k) for k, (ctx, cont) in enumerate(encoded)
+            )
+            return tuple(indexed), requests
+
+        # A sweep evaluates the same items once per condition: read and tokenize them once.
+        indexed, requests = prepared(plan, tokenizer, prepare)
         items = [item for _, item in indexed]
-        encoded = encode_pairs(
-            tokenizer,
-            [(item.context, item.target) for item in items],
-            add_bos_token=plan.options.get("add_bos_token"),
-        )
-        requests = [
-            TokenRequest(tuple(ctx), tuple(cont), k) for k, (ctx, cont) in enumerate(encoded)
-        ]
         logliks, greedy = score_requests(
             model, requests, batch_size=batch_size, reporter=reporter, description="lambada"
         )
