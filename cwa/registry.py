@@ -151,8 +151,8 @@ class Registry(Generic[T]):
     @contextmanager
     def isolated(self) -> Iterator[Registry[T]]:
         """Temporarily snapshot the registry; changes made inside are undone on exit (tests)."""
-        saved = (dict(self._entries), dict(self._aliases))
+        saved = (dict(self._entries), dict(self._aliases), self._entry_points_loaded)
         try:
             yield self
         finally:
-            self._entries, self._aliases = saved
+            self._entries, self._aliases, self._entry_points_loaded = saved

@@ -34,6 +34,23 @@ def _isolated_environment(
     monkeypatch.setenv("CWA_CACHE", str(toy_cache_dir))
 
 
+@pytest.fixture(autouse=True)
+def _isolated_registries():
+    """Plugins registered by one test (metrics, methods, selections, tasks, analyzers) are
+    removed afterwards, so no test sees another's plugin in a registry listing."""
+    from contextlib import ExitStack
+
+    from cwa.analysis import ANALYZERS
+    from cwa.evaluation.base import TASKS
+    from cwa.metrics import METRICS
+    from cwa.perturbation import PERTURBATION_METHODS, SELECTIONS
+
+    with ExitStack() as stack:
+        for registry in (METRICS, PERTURBATION_METHODS, SELECTIONS, TASKS, ANALYZERS):
+            stack.enter_context(registry.isolated())
+        yield
+
+
 @pytest.fixture
 def one_thread():
     """One intra-op torch thread: tiny models on a shared 2-core machine oversubscribe."""
