@@ -49,9 +49,14 @@ print(json.dumps({"wall": time.perf_counter() - start, "cpu": time.process_time(
 """
 
 
-def cold_report(store_path: Path, **config: object) -> dict[str, float]:
-    """One report in a fresh interpreter (as the CLI runs it); its wall and CPU seconds."""
+def cold_report(store_path: Path, src: str | None = None, **config: object) -> dict[str, float]:
+    """One report in a fresh interpreter (as the CLI runs it); its wall and CPU seconds.
+
+    ``src``: run it with another cwa source tree first on the path (a baseline version).
+    """
     env = {**os.environ, "CWA_MLFLOW": "0", "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    if src is not None:
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [src, env.get("PYTHONPATH")]))
     done = subprocess.run(
         [sys.executable, "-c", _COLD_REPORT, str(store_path), json.dumps(config)],
         check=True, capture_output=True, text=True, env=env,
@@ -71,7 +76,8 @@ def _timed(fn, *args, **kwargs):
 
 
 def toy_study(
-    root: Path, seeds: list[int], n_samples: int, limit: int, repeats: int
+    root: Path, seeds: list[int], n_samples: int, limit: int, repeats: int,
+    baseline: str | None = None,
 ) -> dict:
     from cwa.stages.common import ModelOptions
     from cwa.stages.pipeline import PipelineConfig, run_pipeline
@@ -101,7 +107,7 @@ def toy_study(
     from cwa.stages.score import ScoreConfig, run_score
 
     loaded = load_model("toy", dtype="float32", device="cpu")
-    scores, full, png = [], [], []
+    scores, full, png, base = [], [], [], []
     for repeat in range(repeats):
         # The study's score stage once more (all seeds), then the two reports, interleaved.
         label = "toy-study" if repeat == 0 else "toy-study-rescore"
@@ -115,6 +121,8 @@ def toy_study(
         scores.append({"wall": score_s, "cpu": score_cpu, "runs": len(runs)})
         full.append(cold_report(root / "toy_store", experiment="toy-study"))
         png.append(cold_report(root / "toy_store", experiment="toy-study", formats=["png"]))
+        if baseline is not None:
+            base.append(cold_report(root / "toy_store", baseline, experiment="toy-study"))
     return {
         "chain_s": chain_s,
         "score_runs": scores[0]["runs"],
@@ -126,7 +134,9 @@ def toy_study(
         "png_cpu": _median(png, "cpu"),
         "figures": full[0]["figures"],
         "runs": full[0]["runs"],
-        "samples": {"score": scores, "report": full, "png": png},
+        "base_s": _median(base, "wall") if base else None,
+        "base_cpu": _median(base, "cpu") if base else None,
+        "samples": {"score": scores, "report": full, "png": png, "baseline": base},
     }
 
 
@@ -197,6 +207,9 @@ def main() -> None:
     parser.add_argument("--large-n-samples", type=int, default=8,
                         help="calibration sequences (x128 tokens) of the 124M score run")
     parser.add_argument("--skip-124m", action="store_true")
+    parser.add_argument("--baseline-src", default=None,
+                        help="a directory holding another cwa source tree (e.g. from `git "
+                        "archive`): its report is timed too, interleaved, for before/after")
     parser.add_argument("--repeats", type=int, default=3,
                         help="medians over this many score/report repeats (the 124M score "
                         "run is timed once, its report --repeats times)")
@@ -209,7 +222,8 @@ def main() -> None:
     seeds = [int(s) for s in args.seeds.split(",")]
     with tempfile.TemporaryDirectory(prefix="bench_report_") as tmp:
         root = Path(tmp)
-        toy = toy_study(root, seeds, args.n_samples, args.limit, args.repeats)
+        toy = toy_study(root, seeds, args.n_samples, args.limit, args.repeats,
+                        args.baseline_src)
         print(f"toy study ({toy['runs']} runs, whole chain {toy['chain_s']:.1f} s), "
               f"medians of {args.repeats} repeats, reports cold in a fresh process:")
         _ratio(f"score stage, {toy['score_runs']} seeds", toy["score_s"], toy["score_cpu"],
@@ -218,7 +232,14 @@ def main() -> None:
         print(f"  report with --formats png: {toy['png_s']:.2f} s wall, "
               f"{toy['png_cpu']:.2f} s CPU; / score = {toy['png_s'] / toy['score_s']:.2f} wall, "
               f"{toy['png_cpu'] / toy['score_cpu']:.2f} CPU")
+        if toy["base_s"] is not None:
+            print(f"  baseline report ({args.baseline_src}), png+pdf+svg: {toy['base_s']:.2f} s "
+                  f"wall, {toy['base_cpu']:.2f} s CPU; / score = "
+                  f"{toy['base_s'] / toy['score_s']:.2f} wall, "
+                  f"{toy['base_cpu'] / toy['score_cpu']:.2f} CPU")
         for name, samples in toy["samples"].items():
+            if not samples:
+                continue
             print(f"  {name} repeats (wall/CPU s): "
                   + ", ".join(f"{x['wall']:.2f}/{x['cpu']:.2f}" for x in samples))
         if not args.skip_124m:
