@@ -1,0 +1,258 @@
+"""`cwa evaluate` against lm-evaluation-harness: whole process, same model folder, same files.
+
+Both tools evaluate HellaSwag (acc, acc_norm) and LAMBADA (acc, perplexity) on the first
+``--n-items`` records of the same jsonl files (written to a temporary folder, so both see exactly
+the same items), with the same batch size, on the CPU in float32. Each tool runs once untimed
+(warm caches: cwa's store, the harness's dataset cache, the OS file cache), then ``--repeats``
+times timed; per run the whole process's wall time and peak RSS (``os.wait4``) are taken, and
+the medians are printed side by side with the metrics of both.
+
+lm-evaluation-harness is installed in its own virtual environment (``--venv``, created if
+missing): ``python -m venv DIR``, then ``DIR/bin/pip install torch==<this torch>`` FIRST (the same
+build as here, so the harness cannot pull another torch), then ``lm-eval[hf]``; the script
+checks torch kept its version and otherwise skips the harness with a message (also when
+anything cannot be installed). Its tasks are local-file copies of the harness's own
+``hellaswag`` and ``lambada_openai`` YAMLs (the same ``process_docs``, templates and metrics)
+written to a temporary ``--include_path``.
+
+    python benchmarks/bench_vs_lmeval.py [--model FOLDER] [--hellaswag F] [--lambada F]
+        [--n-items 200] [--batch-size 16] [--repeats 3] [--threads 1] [--venv DIR]
+
+Defaults: the toy GPT-2 and the toy task files (``$CWA_CACHE``); 1 thread in both tools (a
+small shared CPU; extra OpenMP threads spin against other processes).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+HARNESS_SPEC = "lm-eval[hf]>=0.4.13"
+HELLASWAG_YAML = """task: cwa_bench_hellaswag
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    validation: {path}
+output_type: multiple_choice
+validation_split: validation
+process_docs: !function utils.process_docs
+doc_to_text: "{{{{query}}}}"
+doc_to_target: "{{{{label}}}}"
+doc_to_choice: "choices"
+metric_list:
+  - metric: acc
+    aggregation: mean
+    higher_is_better: true
+  - metric: acc_norm
+    aggregation: mean
+    higher_is_better: true
+metadata:
+  version: 1.0
+"""
+LAMBADA_YAML = """task: cwa_bench_lambada
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    test: {path}
+output_type: loglikelihood
+test_split: test
+doc_to_text: "{{{{text.split(' ')[:-1]|join(' ')}}}}"
+doc_to_target: "{{{{' '+text.split(' ')[-1]}}}}"
+metric_list:
+  - metric: perplexity
+    aggregation: perplexity
+    higher_is_better: false
+  - metric: acc
+    aggregation: mean
+    higher_is_better: true
+metadata:
+  version: 1.0
+"""
+# The harness's own HellaSwag preprocessing, imported from the installed harness.
+UTILS_PY = "from lm_eval.tasks.hellaswag.utils import process_docs  # noqa: F401\n"
+
+
+def _defaults(args: argparse.Namespace) -> None:
+    if args.model and args.hellaswag and args.lambada:
+        return
+    from cwa.toy.cache import ensure_toy_model, toy_data_path
+
+    args.model = args.model or str(ensure_toy_model("gpt2"))
+    args.hellaswag = args.hellaswag or str(toy_data_path("hellaswag"))
+    args.lambada = args.lambada or str(toy_data_path("lambada"))
+
+
+def _head(src: str, dst: Path, n: int) -> Path:
+    lines = [line for line in Path(src).read_text(encoding="utf-8").splitlines() if line.strip()]
+    dst.write_text("\n".join(lines[:n]) + "\n", encoding="utf-8")
+    return dst
+
+
+def _pip(venv: Path, *packages: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [str(venv / "bin" / "pip"), "install", "--disable-pip-version-check", *packages],
+        capture_output=True,
+        text=True,
+    )
+
+
+def _venv_torch(venv: Path) -> str | None:
+    out = subprocess.run(
+        [str(venv / "bin" / "python"), "-c", "import torch; print(torch.__version__)"],
+        capture_output=True,
+        text=True,
+    )
+    return out.stdout.strip() if out.returncode == 0 else None
+
+
+def ensure_harness(venv: Path) -> str | None:
+    """None when the harness is ready in ``venv``, else why it is skipped."""
+    import torch
+
+    want = torch.__version__
+    if not (venv / "bin" / "python").is_file():
+        made = subprocess.run([sys.executable, "-m", "venv", str(venv)], capture_output=True)
+        if made.returncode != 0:
+            return f"could not create the virtual environment {venv}"
+    if _venv_torch(venv) != want:
+        if _pip(venv, f"torch=={want}").returncode != 0:
+            return f"could not install torch=={want} into {venv}"
+    check = subprocess.run(
+        [str(venv / "bin" / "python"), "-c", "import lm_eval, transformers"], capture_output=True
+    )
+    if check.returncode != 0 and _pip(venv, HARNESS_SPEC).returncode != 0:
+        return f"could not install {HARNESS_SPEC} into {venv}"
+    got = _venv_torch(venv)
+    if got != want:
+        return f"installing the harness changed torch to {got} (wanted {want}); not comparable"
+    return None
+
+
+def _timed(cmd: list[str], env: dict[str, str], log: Path) -> tuple[float, float]:
+    """(wall seconds, peak RSS GiB) of one whole process; raises if it fails."""
+    with log.open("w") as out:
+        start = time.perf_counter()
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env)
+        _, status, usage = os.wait4(proc.pid, 0)
+        wall = time.perf_counter() - start
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    if proc.returncode != 0:
+        tail = log.read_text(errors="replace")[-3000:]
+        raise RuntimeError(f"{cmd[0]} failed ({proc.returncode}):\n{tail}")
+    return wall, usage.ru_maxrss / 2**20  # ru_maxrss is in KiB on Linux
+
+
+def cwa_command(args: argparse.Namespace, hs: Path, lam: Path) -> list[str]:
+    return [
+        sys.executable, "-m", "cwa_cli", "evaluate", "--model", args.model,
+        "--tasks", f"hellaswag:{hs},lambada:{lam}", "--batch-size", str(args.batch_size),
+        "--dtype", "float32", "--device", "cpu", "--force", "--json",
+    ]  # fmt: skip
+
+
+def harness_command(args: argparse.Namespace, venv: Path, tasks: Path, out: Path) -> list[str]:
+    return [
+        str(venv / "bin" / "lm_eval"), "run", "--model", "hf",
+        "--model_args", f"pretrained={args.model},dtype=float32",
+        "--tasks", "cwa_bench_hellaswag,cwa_bench_lambada", "--include_path", str(tasks),
+        "--batch_size", str(args.batch_size), "--device", "cpu", "--output_path", str(out),
+    ]  # fmt: skip
+
+
+def cwa_metrics(log: Path) -> dict[tuple[str, str], float]:
+    text = log.read_text()
+    start = 0 if text.startswith("{") else text.index("\n{") + 1  # progress lines come first
+    rows = json.loads(text[start:])["results"]
+    return {(r["task"], r["metric"]): float(r["value"]) for r in rows}
+
+
+def harness_metrics(out: Path) -> dict[tuple[str, str], float]:
+    newest = max(out.rglob("results_*.json"), key=lambda p: p.stat().st_mtime)
+    results = json.loads(newest.read_text())["results"]
+    got = {}
+    for task, name in (("cwa_bench_hellaswag", "hellaswag"), ("cwa_bench_lambada", "lambada")):
+        for key, value in results[task].items():
+            metric, _, flt = key.partition(",")
+            if flt == "none" and not metric.endswith("_stderr"):
+                got[(name, metric)] = float(value)
+    return got
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--model")
+    parser.add_argument("--hellaswag")
+    parser.add_argument("--lambada")
+    parser.add_argument("--n-items", type=int, default=200)
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=1)
+    default_venv = Path(os.environ.get("CWA_CACHE") or Path.home() / ".cache" / "cwa")
+    parser.add_argument("--venv", type=Path, default=default_venv / "bench-lmeval-venv")
+    args = parser.parse_args()
+    _defaults(args)
+
+    work = Path(tempfile.mkdtemp(prefix="cwa-vs-lmeval-"))
+    hs = _head(args.hellaswag, work / "hellaswag.jsonl", args.n_items)
+    lam = _head(args.lambada, work / "lambada.jsonl", args.n_items)
+    tasks = work / "tasks"
+    tasks.mkdir()
+    (tasks / "cwa_bench_hellaswag.yaml").write_text(HELLASWAG_YAML.format(path=hs))
+    (tasks / "cwa_bench_lambada.yaml").write_text(LAMBADA_YAML.format(path=lam))
+    (tasks / "utils.py").write_text(UTILS_PY)
+
+    env = dict(os.environ)
+    threads = str(args.threads)
+    env.update(OMP_NUM_THREADS=threads, MKL_NUM_THREADS=threads, TOKENIZERS_PARALLELISM="false")
+    env.update(HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
+    env.update(CWA_STORE=str(work / "cwa_store"), HF_HOME=str(work / "hf_home"))
+    env.update(MLFLOW_TRACKING_URI=f"sqlite:///{work / 'mlflow.db'}")
+
+    print(f"model {args.model}; {args.n_items} items per task; batch {args.batch_size}; "
+          f"{args.threads} thread(s); {args.repeats} timed runs each after one warm-up")  # fmt: skip
+    skip = ensure_harness(args.venv)
+    if skip:
+        print(f"lm-evaluation-harness skipped: {skip}")
+    tools = {"cwa": lambda: cwa_command(args, hs, lam)}
+    if not skip:
+        tools["lm-eval"] = lambda: harness_command(args, args.venv, tasks, work / "harness_out")
+    runs: dict[str, list[tuple[float, float]]] = {name: [] for name in tools}
+    logs = {name: work / f"{name}.log" for name in tools}
+    for repeat in range(args.repeats + 1):
+        for name, command in tools.items():  # interleaved, so load drifts hit both alike
+            result = _timed(command(), env, logs[name])
+            if repeat:  # the first run of each tool warms caches and is not counted
+                runs[name].append(result)
+    metrics = {"cwa": cwa_metrics(logs["cwa"])}
+    if "lm-eval" in tools:
+        metrics["lm-eval"] = harness_metrics(work / "harness_out")
+
+    med = {n: (statistics.median(w for w, _ in r), statistics.median(m for _, m in r))
+           for n, r in runs.items()}  # fmt: skip
+    print(f"\n{'':10}{'wall s (median)':>18}{'peak RSS GiB':>15}   all wall s")
+    for name, (wall, rss) in med.items():
+        walls = ", ".join(f"{w:.1f}" for w, _ in runs[name])
+        print(f"{name:10}{wall:>18.2f}{rss:>15.3f}   {walls}")
+    if "lm-eval" in med:
+        speed = med["lm-eval"][0] / med["cwa"][0]
+        mem = med["cwa"][1] / med["lm-eval"][1]
+        print(f"\ncwa is {speed:.2f}x as fast as lm-eval (target >= 2); "
+              f"peak memory {mem:.2f}x (target <= 0.8)")  # fmt: skip
+    print(f"\n{'task':10}{'metric':12}" + "".join(f"{n:>16}" for n in metrics) + "   |diff|")
+    for key in sorted(metrics["cwa"]):
+        values = [metrics[n].get(key) for n in metrics]
+        cells = "".join(f"{v:>16.6f}" if v is not None else f"{'-':>16}" for v in values)
+        diff = abs(values[0] - values[1]) if len(values) == 2 and None not in values else None
+        print(f"{key[0]:10}{key[1]:12}{cells}   {'' if diff is None else f'{diff:.2e}'}")
+    print(f"\nlogs and inputs: {work}")
+
+
+if __name__ == "__main__":
+    main()
