@@ -44,8 +44,10 @@ store = Store.open(sys.argv[1])
 config = ReportConfig(**json.loads(sys.argv[2]))
 start, cpu = time.perf_counter(), time.process_time()
 outcome = run_report(store, config, mlflow=False)
+import cwa
 print(json.dumps({"wall": time.perf_counter() - start, "cpu": time.process_time() - cpu,
-                  "figures": len(outcome.value["figures"]), "runs": len(outcome.value["runs"])}))
+                  "figures": len(outcome.value["figures"]), "runs": len(outcome.value["runs"]),
+                  "cwa": cwa.__file__}))
 """
 
 
@@ -60,6 +62,7 @@ def cold_report(store_path: Path, src: str | None = None, **config: object) -> d
     done = subprocess.run(
         [sys.executable, "-c", _COLD_REPORT, str(store_path), json.dumps(config)],
         check=True, capture_output=True, text=True, env=env,
+        cwd=store_path.parent,  # not the checkout: `python -c` puts the cwd first on sys.path
     )
     return json.loads(done.stdout.strip().splitlines()[-1])
 
@@ -224,6 +227,7 @@ def main() -> None:
         root = Path(tmp)
         toy = toy_study(root, seeds, args.n_samples, args.limit, args.repeats,
                         args.baseline_src)
+        print(f"report code: {toy['samples']['report'][0]['cwa']}")
         print(f"toy study ({toy['runs']} runs, whole chain {toy['chain_s']:.1f} s), "
               f"medians of {args.repeats} repeats, reports cold in a fresh process:")
         _ratio(f"score stage, {toy['score_runs']} seeds", toy["score_s"], toy["score_cpu"],
@@ -233,7 +237,8 @@ def main() -> None:
               f"{toy['png_cpu']:.2f} s CPU; / score = {toy['png_s'] / toy['score_s']:.2f} wall, "
               f"{toy['png_cpu'] / toy['score_cpu']:.2f} CPU")
         if toy["base_s"] is not None:
-            print(f"  baseline report ({args.baseline_src}), png+pdf+svg: {toy['base_s']:.2f} s "
+            print(f"  baseline report ({toy['samples']['baseline'][0]['cwa']}), png+pdf+svg: "
+                  f"{toy['base_s']:.2f} s "
                   f"wall, {toy['base_cpu']:.2f} s CPU; / score = "
                   f"{toy['base_s'] / toy['score_s']:.2f} wall, "
                   f"{toy['base_cpu'] / toy['score_cpu']:.2f} CPU")
