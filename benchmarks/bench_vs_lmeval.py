@@ -3,9 +3,10 @@
 Both tools evaluate HellaSwag (acc, acc_norm) and LAMBADA (acc, perplexity) on the first
 ``--n-items`` records of the same jsonl files (written to a temporary folder, so both see exactly
 the same items), with the same batch size, on the CPU in float32. Each tool runs once untimed
-(warm caches: cwa's store, the harness's dataset cache, the OS file cache), then ``--repeats``
-times timed; per run the whole process's wall time and peak RSS (``os.wait4``) are taken, and
-the medians are printed side by side with the metrics of both.
+(warm caches: cwa's store, the harness's dataset cache, the OS file cache; ``--warmup``), then
+``--repeats`` times timed; cwa runs as it does by default (runs mirrored to MLflow) and with
+``--no-mlflow`` (``cwa-nomlf``); per run the whole process's wall time and peak RSS
+(``os.wait4``) are taken, and the medians are printed side by side with the metrics.
 
 lm-evaluation-harness is installed in its own virtual environment (``--venv``, created if
 missing): ``python -m venv DIR``, then ``DIR/bin/pip install torch==<this torch>`` FIRST (the same
@@ -149,9 +150,9 @@ def _timed(cmd: list[str], env: dict[str, str], log: Path) -> tuple[float, float
     return wall, usage.ru_maxrss / 2**20  # ru_maxrss is in KiB on Linux
 
 
-def cwa_command(args: argparse.Namespace, hs: Path, lam: Path) -> list[str]:
+def cwa_command(args: argparse.Namespace, hs: Path, lam: Path, *flags: str) -> list[str]:
     return [
-        sys.executable, "-m", "cwa_cli", "evaluate", "--model", args.model,
+        sys.executable, "-m", "cwa_cli", *flags, "evaluate", "--model", args.model,
         "--tasks", f"hellaswag:{hs},lambada:{lam}", "--batch-size", str(args.batch_size),
         "--dtype", "float32", "--device", "cpu", "--force", "--json",
     ]  # fmt: skip
@@ -194,6 +195,7 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--warmup", type=int, default=1, help="untimed runs of each tool first")
     default_venv = Path(os.environ.get("CWA_CACHE") or Path.home() / ".cache" / "cwa")
     parser.add_argument("--venv", type=Path, default=default_venv / "bench-lmeval-venv")
     args = parser.parse_args()
@@ -216,21 +218,27 @@ def main() -> None:
     env.update(MLFLOW_TRACKING_URI=f"sqlite:///{work / 'mlflow.db'}")
 
     print(f"model {args.model}; {args.n_items} items per task; batch {args.batch_size}; "
-          f"{args.threads} thread(s); {args.repeats} timed runs each after one warm-up")  # fmt: skip
+          f"{args.threads} thread(s); {args.repeats} timed runs each after a warm-up")  # fmt: skip
     skip = ensure_harness(args.venv)
     if skip:
         print(f"lm-evaluation-harness skipped: {skip}")
-    tools = {"cwa": lambda: cwa_command(args, hs, lam)}
+    # cwa as it runs by default (runs mirrored to MLflow) and without the MLflow mirror.
+    tools = {
+        "cwa": lambda: cwa_command(args, hs, lam),
+        "cwa-nomlf": lambda: cwa_command(args, hs, lam, "--no-mlflow"),
+    }
     if not skip:
         tools["lm-eval"] = lambda: harness_command(args, args.venv, tasks, work / "harness_out")
     runs: dict[str, list[tuple[float, float]]] = {name: [] for name in tools}
     logs = {name: work / f"{name}.log" for name in tools}
-    for repeat in range(args.repeats + 1):
-        for name, command in tools.items():  # interleaved, so load drifts hit both alike
+    for repeat in range(args.warmup + args.repeats):
+        for name, command in tools.items():  # interleaved, so load drifts hit all alike
             result = _timed(command(), env, logs[name])
-            if repeat:  # the first run of each tool warms caches and is not counted
+            if repeat >= args.warmup:  # warm-up runs fill caches and are not counted
                 runs[name].append(result)
     metrics = {"cwa": cwa_metrics(logs["cwa"])}
+    if cwa_metrics(logs["cwa-nomlf"]) != metrics["cwa"]:
+        print("note: cwa with and without the MLflow mirror gave different numbers")
     if "lm-eval" in tools:
         metrics["lm-eval"] = harness_metrics(work / "harness_out")
 
@@ -241,10 +249,12 @@ def main() -> None:
         walls = ", ".join(f"{w:.1f}" for w, _ in runs[name])
         print(f"{name:10}{wall:>18.2f}{rss:>15.3f}   {walls}")
     if "lm-eval" in med:
-        speed = med["lm-eval"][0] / med["cwa"][0]
-        mem = med["cwa"][1] / med["lm-eval"][1]
-        print(f"\ncwa is {speed:.2f}x as fast as lm-eval (target >= 2); "
-              f"peak memory {mem:.2f}x (target <= 0.8)")  # fmt: skip
+        print()
+        for name in ("cwa", "cwa-nomlf"):
+            speed = med["lm-eval"][0] / med[name][0]
+            mem = med[name][1] / med["lm-eval"][1]
+            print(f"{name} is {speed:.2f}x as fast as lm-eval (target >= 2); "
+                  f"peak memory {mem:.2f}x (target <= 0.8)")  # fmt: skip
     print(f"\n{'task':10}{'metric':12}" + "".join(f"{n:>16}" for n in metrics) + "   |diff|")
     for key in sorted(metrics["cwa"]):
         values = [metrics[n].get(key) for n in metrics]
