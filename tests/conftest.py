@@ -40,6 +40,7 @@ def _isolated_registries():
     removed afterwards, so no test sees another's plugin in a registry listing."""
     from contextlib import ExitStack
 
+    import cwa.evaluation.tasks  # noqa: F401  built-in tasks register on import: snapshot them too
     from cwa.analysis import ANALYZERS
     from cwa.evaluation.base import TASKS
     from cwa.metrics import METRICS
