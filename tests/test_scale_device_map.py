@@ -150,3 +150,31 @@ def test_mapped_runs_equal_plain_runs(cli, store_path, tmp_path, toy_env, one_th
                    "ORDER BY metric", [run_id])  # fmt: skip
         )
     assert values[0] == values[1] and values[0]
+
+
+@pytest.mark.parametrize("metric", ["wanda", "grad_x_weight", "super_weight"])
+def test_scores_under_accelerate_hooks_equal_plain(tmp_path, toy_env, one_thread, metric) -> None:
+    """Every module wrapped in accelerate's device-aligning hooks (as a device map does; one
+    device here, hooks forced): activation hooks, gradients and the loss give the same scores."""
+    from accelerate import dispatch_model
+
+    from cwa.metrics import score_model
+    from cwa.models.loading import load_model
+    from cwa.scorefile import load_scores
+
+    plain = load_model("toy", device="cpu")
+    hooked = load_model("toy", device="cpu")
+    dispatch_model(hooked.model, device_map=CPU_MAP, main_device="cpu", force_hooks=True)
+    assert any(hasattr(m, "_hf_hook") for m in hooked.model.modules())
+    ids = torch.arange(2, 66).reshape(4, 16) % plain.model.config.vocab_size
+    batches = [
+        {"input_ids": part, "attention_mask": torch.ones(2, 16, dtype=torch.long)}
+        for part in (ids[:2], ids[2:])
+    ]
+    batches[1]["attention_mask"][1, 12:] = 0  # padding must stay excluded under the hooks
+    a = score_model(plain.model, batches, metric, arch=plain.arch, out_path=tmp_path / "a")
+    b = score_model(hooked.model, batches, metric, arch=hooked.arch, out_path=tmp_path / "b")
+    sa, sb = load_scores(a.score_path), load_scores(b.score_path)
+    assert sa.keys() == sb.keys() and sa
+    for name in sa:
+        torch.testing.assert_close(sb[name], sa[name], rtol=1e-6, atol=1e-9)
