@@ -235,35 +235,19 @@ def shard_batches(batches: Sequence[Any] | None) -> Sequence[Any] | None:
 # -- stages ------------------------------------------------------------------------------------
 
 
-class _WorkerContext:
-    """What a non-zero rank's compute sees instead of a registered run's context."""
+def _worker_context(
+    run_id: str, request: StageRequest, reporter: Reporter, scratch: Path
+) -> RunContext:
+    """What a non-zero rank's compute sees instead of a registered run's context: the same
+    context with no store, and artifacts in a scratch folder."""
+    from cwa.lifecycle import RunContext
 
-    def __init__(self, run_id: str, request: StageRequest, reporter: Reporter, scratch: Path):
-        self.store = None
-        self.run_id = run_id
-        self.request = request
-        self.reporter = reporter
-        self.model_ref = request.model_ref
-        self.model_fingerprint: str | None = None
-        self.device: str | None = None
-        self.artifact_kinds: dict[str, str] = {}
-        self._scratch = scratch
+    class _WorkerContext(RunContext):
+        @property
+        def artifacts_dir(self) -> Path:
+            return scratch
 
-    @property
-    def artifacts_dir(self) -> Path:
-        return self._scratch
-
-    def artifact_path(self, name: str, kind: str = "other") -> Path:
-        self.artifact_kinds[name] = kind
-        path = self._scratch / name
-        path.parent.mkdir(parents=True, exist_ok=True)
-        return path
-
-    def record_config(self, **values: Any) -> None:
-        self.request.config.update(values)
-
-    def set_model(self, ref: str | None, fingerprint: str | None, device: str | None) -> None:
-        self.model_ref, self.model_fingerprint, self.device = ref, fingerprint, device
+    return _WorkerContext(None, run_id, request, reporter)  # type: ignore[arg-type]
 
 
 def run_stage(
@@ -297,7 +281,7 @@ def run_stage(
     run_id = str(broadcast_object(None))
     scratch = Path(tempfile.mkdtemp(prefix=f"cwa-rank{w.rank}-"))
     try:
-        ctx = _WorkerContext(run_id, request, reporter or NULL_REPORTER, scratch)
+        ctx = _worker_context(run_id, request, reporter or NULL_REPORTER, scratch)
         output = compute(ctx)  # type: ignore[arg-type]
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
