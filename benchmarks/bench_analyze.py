@@ -22,8 +22,6 @@ Run: ``python benchmarks/bench_analyze.py [--quick] [--threads 1]``.
 from __future__ import annotations
 
 import argparse
-import ctypes
-import gc
 import os
 import statistics
 import tempfile
@@ -33,6 +31,8 @@ from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("CWA_MLFLOW", "0")
+
+from _proc_memory import status_kib, trim_heap  # noqa: E402
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -47,14 +47,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def _status_kib(field: str) -> int:
-    with open("/proc/self/status") as handle:
-        for line in handle:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    raise RuntimeError(f"{field} not in /proc/self/status")
-
-
 class AnonPeak:
     """Peak growth of anonymous resident memory (``RssAnon``) while in the ``with`` block.
 
@@ -64,12 +56,8 @@ class AnonPeak:
     """
 
     def __enter__(self) -> AnonPeak:
-        gc.collect()
-        try:
-            ctypes.CDLL("libc.so.6").malloc_trim(0)
-        except OSError:
-            pass
-        self.baseline = _status_kib("RssAnon")
+        trim_heap()
+        self.baseline = status_kib("RssAnon")
         self.peak = self.baseline
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._sample, daemon=True)
@@ -78,13 +66,13 @@ class AnonPeak:
 
     def _sample(self) -> None:
         while not self._stop.is_set():
-            self.peak = max(self.peak, _status_kib("RssAnon"))
+            self.peak = max(self.peak, status_kib("RssAnon"))
             time.sleep(0.002)
 
     def __exit__(self, *exc: object) -> None:
         self._stop.set()
         self._thread.join()
-        self.peak = max(self.peak, _status_kib("RssAnon"))
+        self.peak = max(self.peak, status_kib("RssAnon"))
 
     @property
     def growth_mib(self) -> float:
