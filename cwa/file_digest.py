@@ -4,13 +4,13 @@ export verification and MLflow dataset digests, so they always agree on what a f
 from __future__ import annotations
 
 import hashlib
-from pathlib import Path
+import os
 
 
-def file_sha256(path: Path) -> str:
+def file_sha256(path: str | os.PathLike[str]) -> str:
     """Hex sha256 of the file at ``path`` (read in chunks, never whole into memory)."""
     digest = hashlib.sha256()
-    with path.open("rb") as handle:
+    with open(path, "rb") as handle:
         for chunk in iter(lambda: handle.read(1 << 20), b""):
             digest.update(chunk)
     return digest.hexdigest()

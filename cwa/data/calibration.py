@@ -24,11 +24,11 @@ from typing import Any
 from cwa.data.text import (
     DEFAULT_CALIBRATION_SOURCE,
     TOY_MODEL_REFS,
-    file_sha256,
     load_texts,
     parse_hf_spec,
 )
 from cwa.errors import DataError
+from cwa.file_digest import file_sha256
 
 _BOS_PROBE = "Hello"
 

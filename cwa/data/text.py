@@ -283,17 +283,6 @@ def load_hf_texts(spec: str, *, text_column: str | None = None) -> list[str]:
     return texts
 
 
-def file_sha256(path: str | os.PathLike[str]) -> str:
-    """Hex sha256 of a file's bytes (used to identify a data source in config hashes)."""
-    import hashlib
-
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 # -- token blocks ----------------------------------------------------------------------------
 
 

@@ -29,7 +29,7 @@ from typing import Any
 import cwa.evaluation.hellaswag  # noqa: F401
 import cwa.evaluation.lambada  # noqa: F401
 import cwa.evaluation.perplexity  # noqa: F401
-from cwa.data.text import file_sha256, parse_hf_spec
+from cwa.data.text import parse_hf_spec
 from cwa.errors import DataError, InvalidInput
 from cwa.evaluation.base import (
     HARNESS_VERSION,
@@ -40,6 +40,7 @@ from cwa.evaluation.base import (
     check_limit,
 )
 from cwa.evaluation.perplexity import HELDOUT_FRACTION, PerplexityTask
+from cwa.file_digest import file_sha256
 
 __all__ = ["TASKS", "TaskPlan", "config_hash", "parse_task_spec", "plan_tasks", "split_specs"]
 
