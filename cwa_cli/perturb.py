@@ -92,6 +92,21 @@ def perturb_cmd(
     no_items: Annotated[
         bool, typer.Option("--no-items", help="Do not store per-item records.")
     ] = False,
+    no_layer_reuse: Annotated[
+        bool,
+        typer.Option(
+            "--no-layer-reuse",
+            help="Compute every condition's hidden states in full (by default the states "
+            "below the scope's lowest layer are computed once for the sweep; same numbers).",
+        ),
+    ] = False,
+    layer_reuse_budget: Annotated[
+        float,
+        typer.Option(
+            "--layer-reuse-budget",
+            help="GiB the reused hidden states may take; over it, no reuse.",
+        ),
+    ] = 4.0,
     list_methods: ListOpt = False,
 ) -> None:
     """Perturb the top-k weights of a rank run and matched controls; evaluate each condition.
@@ -136,6 +151,8 @@ def perturb_cmd(
         experiment=experiment,
         command=command_line(),
         items=not no_items,
+        layer_reuse=not no_layer_reuse,
+        layer_reuse_budget_gb=layer_reuse_budget,
     )
     validate_config(config)
     with reporter_for(ctx) as reporter:

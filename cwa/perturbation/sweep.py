@@ -11,6 +11,10 @@ per scale. For every condition the selection is built through its
 the treatment's count in every group of the rank mode (:mod:`cwa.perturbation.groups`), the
 selected weights are perturbed in place, the model is evaluated, and the weights are restored
 and verified bit-exact before the next condition.
+
+With a :class:`~cwa.evaluation.layer_reuse.LayerReuse` session, conditions whose selection
+touches only decoder layers >= L replay the hidden states below L captured during the first
+such condition's own evaluation (the numbers of a full forward; see that module).
 """
 
 from __future__ import annotations
@@ -167,8 +171,14 @@ def run_sweep(
     evaluate: Callable[[], list[dict[str, Any]]],
     *,
     reporter: Reporter | None = None,
+    reuse: Any = None,
 ) -> SweepResult:
-    """Run every condition: build, perturb in place, evaluate, restore bit-exactly."""
+    """Run every condition: build, perturb in place, evaluate, restore bit-exactly.
+
+    ``reuse``: a :class:`~cwa.evaluation.layer_reuse.LayerReuse` session (or None).
+    """
+    from contextlib import nullcontext
+
     from cwa.perturbation.apply import perturbed
     from cwa.perturbation.checksum import named_checksums
 
@@ -197,7 +207,8 @@ def run_sweep(
                 baseline_checksums=extra,
                 reporter=reporter,
             ) as handle:
-                rows = evaluate()
+                with reuse.condition(list(selection)) if reuse is not None else nullcontext():
+                    rows = evaluate()
             record = handle.record()
             result.conditions.append(
                 {
@@ -226,6 +237,8 @@ def run_sweep(
             task.advance()
     finally:
         task.close()
+        if reuse is not None:
+            reuse.release()  # the captured states are the sweep's alone
     if named_checksums({n: params[n] for n in touched}) != baseline:
         raise RestoreError("the model differs from its baseline after the sweep; discard it")
     return result

@@ -79,6 +79,10 @@ class PerturbConfig:
     command: str | None = None
     items: bool = True  # per-item records in evaluation_items (issue 9; --no-items)
     treatment: str = "top_k"
+    # Hidden states below the scope's lowest layer computed once per sweep (--no-layer-reuse),
+    # kept within this many GiB (cwa.evaluation.layer_reuse).
+    layer_reuse: bool = True
+    layer_reuse_budget_gb: float = 4.0
 
 
 @dataclass
@@ -389,7 +393,19 @@ def _compute(
         k_values=plan.k_values,
         seeds=config.seeds,
     )
-    result = run_sweep(inputs, conditions, evaluate, reporter=reporter)
+    from cwa.evaluation.layer_reuse import sweep_reuse
+
+    reuse = sweep_reuse(
+        loaded.model,
+        loaded.arch,
+        [entry.name for entry in plan.scope],
+        len(conditions),
+        enabled=config.layer_reuse,
+        budget_gb=config.layer_reuse_budget_gb,
+        reporter=reporter,
+    )
+    result = run_sweep(inputs, conditions, evaluate, reporter=reporter, reuse=reuse)
+    ctx.record_config(layer_reuse=reuse.record())
     rows += result.evaluations
     for row in rows:
         row["model_fingerprint"] = loaded.fingerprint

@@ -85,6 +85,9 @@ def validate_config(config: PerturbConfig) -> CheckedOptions:
     check_positive("batch-size", config.batch_size)
     if config.limit is not None:
         check_positive("limit", config.limit)
+    budget = config.layer_reuse_budget_gb
+    if isinstance(budget, bool) or not isinstance(budget, int | float) or not budget > 0:
+        raise InvalidInput(f"--layer-reuse-budget must be a positive number of GiB, got {budget!r}")
     return CheckedOptions(method, treatment, controls)
 
 
