@@ -88,13 +88,76 @@ class CompactRanking:
         self.height = int(self.header["k"])
         self.by = str(self.header["by"])
         self.bottom = bool(self.header["bottom"])
+        # Comparison group of the fraction (cwa rank --per); per-group k-values map to totals.
+        self.per = str(self.header.get("per", "global"))
+        self._fractions: dict[int, Any] = {}
+        if self.per != "global":
+            from fractions import Fraction
+
+            self._fractions[self.height] = Fraction(self.header["percent"])
+
+    @property
+    def control_mode(self) -> str | None:
+        """Group mode the matched controls use: per tensor for a per-tensor or per-row ranking
+        (``random_k`` is matched row by row on top, see :attr:`row_layout`)."""
+        return None if self.per == "global" else "tensor"
+
+    @property
+    def row_layout(self) -> dict[str, tuple[list[int], int]] | None:
+        """Tensor name -> (shape, output axis) of a ``--per row`` ranking (None otherwise)."""
+        if self.per != "row":
+            return None
+        return {e["name"]: (e["shape"], int(e["row_axis"])) for e in self.header["tensors"]}
+
+    def resolve_k_values(
+        self, values: Sequence[int | str] | None, *, n_candidates: int, rank_id: str
+    ) -> list[int]:
+        """k-values as sorted whole k (totals over the groups for a per-group ranking)."""
+        if self.per == "global":
+            return resolve_k_values(
+                values, n_candidates=n_candidates, stored_k=self.height, rank_id=rank_id
+            )
+        from cwa.ranking_groups import percent_of, total_k
+
+        stored = self._fractions[self.height]
+        totals: set[int] = set()
+        for value in values or []:
+            if not isinstance(value, str):
+                raise InvalidInput(
+                    f"rank run {rank_id} selects {float(stored):g}% of each {self.per} (--per "
+                    f"{self.per}): give --k-values as fractions (e.g. 10%,30%), not {value}"
+                )
+            percent = percent_of(value)
+            if percent > stored:
+                raise InvalidInput(
+                    f"k = {value} is more than rank run {rank_id} selected ({float(stored):g}% "
+                    f"per {self.per}); lower k or re-rank with a larger --topk"
+                )
+            total = total_k(self.header["group_sizes"], percent)
+            if total == 0:
+                raise InvalidInput(
+                    f"k = {value} per {self.per} selects no weight; raise the fraction"
+                )
+            self._fractions.setdefault(total, percent)  # equal totals: the first fraction
+            totals.add(total)
+        return sorted(totals) if totals else [self.height]
 
     def names(self) -> list[str]:
         return [entry["name"] for entry in self.header["tensors"] if entry["count"]]
 
     def prefix(self, k: int) -> dict[str, np.ndarray]:
-        """Tensor name -> ascending int64 flat indices of the first ``k`` ranked weights."""
-        return dict(prefix_selection(self.selection_path, self.score_path, k))
+        """Tensor name -> ascending int64 flat indices of the first ``k`` ranked weights (per
+        group for a ``--per tensor|row`` ranking: ``k`` is a total from resolve_k_values)."""
+        if self.per == "global":
+            return dict(prefix_selection(self.selection_path, self.score_path, k))
+        from cwa.ranking_groups import prefix_grouped
+        from cwa.ranking_store import iter_selection
+
+        if k == self.height:
+            return {n: i for n, i in iter_selection(self.selection_path) if i.size}
+        if k not in self._fractions:
+            raise InvalidInput(f"k = {k} is not a resolved fraction of this per-group ranking")
+        return dict(prefix_grouped(self.selection_path, self.score_path, self._fractions[k]))
 
 
 def _selected_codes(

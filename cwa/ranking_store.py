@@ -26,7 +26,7 @@ shape, encoding (``indices``/``mask``), byte offset and length and the selected 
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -128,6 +128,35 @@ def _slices(values: np.ndarray) -> Iterator[tuple[int, np.ndarray]]:
         yield start, values[start : start + SLICE]
 
 
+def radix_threshold(
+    pieces: Callable[[], Iterable[np.ndarray]], k: str | int
+) -> tuple[int, np.uint32, int, int]:
+    """The k-th smallest code of the codes ``pieces()`` yields (called twice: two passes).
+
+    Returns (candidates, k-th code T, how many codes equal to T belong to the first k, k);
+    NaN codes (0xFFFFFFFF) are not candidates. ``k`` is parsed against the candidates.
+    """
+    hist_hi = np.zeros(_BINS, dtype=np.int64)
+    for codes in pieces():
+        codes = codes[codes != np.uint32(0xFFFFFFFF)]  # NaN: not scored, never a candidate
+        hist_hi += np.bincount(codes >> 16, minlength=_BINS)
+        del codes
+    n_candidates = int(hist_hi.sum())
+    k = parse_k(k, n_candidates)
+    cum = np.cumsum(hist_hi)
+    hi = int(np.searchsorted(cum, k))  # first bucket where the running count reaches k
+    below = int(cum[hi - 1]) if hi else 0
+    hist_lo = np.zeros(_BINS, dtype=np.int64)
+    for codes in pieces():
+        inside = codes[(codes >> 16) == hi]
+        inside = inside[inside != np.uint32(0xFFFFFFFF)]
+        hist_lo += np.bincount(inside & np.uint32(0xFFFF), minlength=_BINS)
+    cum_lo = below + np.cumsum(hist_lo)
+    lo = int(np.searchsorted(cum_lo, k))
+    ties_left = k - (int(cum_lo[lo - 1]) if lo else below)
+    return n_candidates, np.uint32((hi << 16) | lo), ties_left, k
+
+
 def select_k(
     score_path: str | Path,
     k: str | int,
@@ -144,30 +173,13 @@ def select_k(
     if by not in ("value", "abs"):
         raise InvalidInput(f"by={by!r}: rank by 'value' or 'abs'")
     score_path, out_path = Path(score_path), Path(out_path)
-    hist_hi = np.zeros(_BINS, dtype=np.int64)
-    for _, scores in _tensors(score_path, names):
-        for _, piece in _slices(scores):
-            codes = _order_bits(piece, by, bottom)
-            codes = codes[codes != np.uint32(0xFFFFFFFF)]  # NaN: not scored, never a candidate
-            hist_hi += np.bincount(codes >> 16, minlength=_BINS)
-            del codes
-    n_candidates = int(hist_hi.sum())
-    k = parse_k(k, n_candidates)
-    cum = np.cumsum(hist_hi)
-    hi = int(np.searchsorted(cum, k))  # first bucket where the running count reaches k
-    below = int(cum[hi - 1]) if hi else 0
-    hist_lo = np.zeros(_BINS, dtype=np.int64)
-    for _, scores in _tensors(score_path, names):
-        for _, piece in _slices(scores):
-            codes = _order_bits(piece, by, bottom)
-            inside = codes[(codes >> 16) == hi]
-            inside = inside[inside != np.uint32(0xFFFFFFFF)]
-            hist_lo += np.bincount(inside & np.uint32(0xFFFF), minlength=_BINS)
-    cum_lo = below + np.cumsum(hist_lo)
-    lo = int(np.searchsorted(cum_lo, k))
-    threshold = np.uint32((hi << 16) | lo)
-    ties_left = k - (int(cum_lo[lo - 1]) if lo else below)
 
+    def pieces() -> Iterator[np.ndarray]:
+        for _, scores in _tensors(score_path, names):
+            for _, piece in _slices(scores):
+                yield _order_bits(piece, by, bottom)
+
+    n_candidates, threshold, ties_left, k = radix_threshold(pieces, k)
     summary = SelectionSummary(k, n_candidates, _from_code(int(threshold), bottom), bottom, by)
     entries: list[dict[str, Any]] = []
     offset = 0
@@ -227,7 +239,7 @@ def iter_selection(path: str | Path) -> Iterator[tuple[str, np.ndarray]]:
 
 
 def check_fraction_rank(config: Any) -> None:
-    """``cwa rank --topk N%``: global mode over the score run's whole scope (for now)."""
+    """``cwa rank --topk N%``: ``--mode global``; the comparison group is ``--per``."""
     text = str(config.topk).strip()
     try:
         percent = float(text[:-1])
@@ -237,7 +249,8 @@ def check_fraction_rank(config: Any) -> None:
         raise InvalidInput(f"--topk {text!r} must be a percentage in (0, 100]")
     if config.mode != "global":
         raise InvalidInput(
-            f"--topk {text} selects a fraction of every scored weight in scope: use --mode global"
+            f"--topk {text} selects a fraction of every scored weight in scope: use --mode "
+            "global (--per tensor|row for a fraction of each tensor or output row)"
         )
 
 
@@ -268,11 +281,27 @@ def store_selection(
     by: str,
     bottom: bool,
     names: Sequence[str] | None = None,
+    per: str = "global",
+    axes: Mapping[str, int] | None = None,
 ) -> dict[str, float]:
-    """Write a rank run's compact selection artifact; returns metrics, records the config."""
+    """Write a rank run's compact selection artifact; returns metrics, records the config.
+
+    ``per`` tensor/row: ``k`` is a fraction of each group (:mod:`cwa.ranking_groups`).
+    """
     out = ctx.artifact_path(SELECTION_FILE, kind="selection")
     ctx.artifact_path(f"{SELECTION_FILE}.json", kind="selection")
-    summary = select_k(score_path, k, out, by=by, bottom=bottom, names=names)
+    extra: dict[str, Any] = {"per": per}
+    if per == "global":
+        summary = select_k(score_path, k, out, by=by, bottom=bottom, names=names)
+        rows = min(summary.k, ROWS_IN_TABLE)
+    else:
+        from cwa.ranking_groups import select_grouped
+
+        summary = select_grouped(
+            score_path, str(k), out, per=per, by=by, bottom=bottom, names=names, axes=axes
+        )
+        extra.update(percent=str(k), group_sizes=summary.group_sizes)
+        rows = f"best {max(1, ROWS_IN_TABLE // max(1, len(summary.counts)))} per tensor"
     ctx.record_config(
         selection={
             "artifact": SELECTION_FILE,
@@ -280,8 +309,9 @@ def store_selection(
             "k": summary.k,
             "n_candidates": summary.n_candidates,
             "threshold_key": summary.threshold_key,
-            "rows_in_ranked_weights": min(summary.k, ROWS_IN_TABLE),
+            "rows_in_ranked_weights": rows,
             "per_tensor": summary.counts,
+            **extra,
         }
     )
     return {"n_selected": float(summary.k), "selection_bytes": float(summary.bytes_written)}

@@ -29,6 +29,15 @@ def rank_cmd(
     mode: Annotated[
         str, typer.Option("--mode", help="global, layer, tensor, head or component.")
     ] = "global",
+    per: Annotated[
+        str,
+        typer.Option(
+            "--per",
+            help="With --topk N%: compare weights across the whole scope (global), within each "
+            "tensor (tensor: layer-wise pruning), or within each output row of a Linear/Conv1D "
+            "weight (row: Wanda's comparison group). --bottom selects within the same groups.",
+        ),
+    ] = "global",
     by: Annotated[
         str | None,
         typer.Option(
@@ -76,6 +85,7 @@ def rank_cmd(
       cwa rank latest --topk 1000
       cwa rank 01J9Z3 --mode head -k 20 --components attn_q,attn_k,attn_v
       cwa rank latest -k 100 --export top_weights.csv
+      cwa rank latest --topk 50% --bottom --per row   # Wanda: half of each output row
     """
     from cwa.parsing import parse_int_list, parse_name_list
     from cwa.stages.rank import RankConfig, run_rank
@@ -84,6 +94,7 @@ def rank_cmd(
         score_run=score_run,
         topk=topk.strip().lower() if topk.strip().lower() == "all" else _int_topk(topk),
         mode=mode,
+        per=per,
         by=by,
         head_grouping=head_grouping,
         bottom=bottom,

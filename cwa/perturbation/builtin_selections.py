@@ -42,6 +42,11 @@ def _top_k(request: SelectionRequest) -> Selection:
 
 def _random_k(request: SelectionRequest) -> Selection:
     assert request.counts is not None  # controls always get the treatment's counts
+    rows = getattr(request.ranking, "row_layout", None)
+    if rows:  # a --per row ranking: matched row by row (per tensor too, as the sweep checks)
+        from cwa.perturbation.selection import random_k_by_row
+
+        return random_k_by_row(request.treatment, request.scope, rows, request.seed or 0)
     return random_k_by_group(request.groups, request.counts, request.seed or 0)
 
 

@@ -30,6 +30,8 @@ made (for the run's config). Builders:
     the matched controls of a per-group ranking: for every group of the rank mode, exactly the
     treatment's count of that group, drawn from that group's elements (see
     :mod:`cwa.perturbation.groups`); the union of the groups' draws.
+``random_k_by_row``
+    the ``random_k`` control of a ``cwa rank --per row`` ranking: each output row's count.
 ``all_k``
     every weight in the scope: an upper bound on damage (memory: 8 bytes of index and one
     saved original per weight, so use it on targeted scopes, not on a whole 7B model).
@@ -291,6 +293,54 @@ def random_k_by_group(
             raise InvalidInput(f"group {label!r} has no weights in scope to draw a control from")
         parts.append(random_k(groups[label], int(k), group_seed(int(seed), label)))
     return _union(parts, "random_k", {"seed": int(seed), "groups": dict(counts)})
+
+
+def random_k_by_row(
+    treatment: Mapping[str, torch.Tensor],
+    scope: Sequence[ScopeEntry],
+    rows: Mapping[str, tuple[Sequence[int], int]],
+    seed: int,
+) -> Selection:
+    """The matched control of a ``--per row`` ranking: in every output row, the treatment's
+    count of that row drawn uniformly from the row's in-scope elements.
+
+    ``rows``: tensor name -> (shape, output axis: 0 for Linear ``[out, in]``, 1 for Conv1D
+    ``[in, out]``). Per tensor (generator seeded from (seed, name)), chunks of rows get uniform
+    float32 keys and each row keeps its count of smallest keys (a uniform subset; exact float
+    ties, about 2^-24 apart, go to the lower column). No loop over weights or rows.
+    """
+    from cwa import ranking_store
+    from cwa.ranking_groups import group_ids, select_rows
+
+    entries = {entry.name: entry for entry in check_scope(scope)}
+    parts: dict[str, torch.Tensor] = {}
+    for name, idx in treatment.items():
+        if name not in entries or name not in rows:
+            raise InvalidInput(f"{name!r} has no output rows in scope to draw a control from")
+        shape, axis = tuple(int(d) for d in rows[name][0]), int(rows[name][1])
+        n_rows, n_cols = shape[axis], entries[name].numel // shape[axis]
+        flat = idx.cpu().numpy()
+        counts = np.bincount(group_ids(flat, shape, axis), minlength=n_rows)
+        mask = entries[name].mask
+        eligible = None if mask is None else mask.numpy().reshape(shape)
+        if eligible is not None:
+            eligible = eligible if axis == 0 else eligible.T
+        generator = torch.Generator(device="cpu").manual_seed(group_seed(int(seed), name))
+        chosen = np.zeros(shape, dtype=bool)
+        chosen_view = chosen if axis == 0 else chosen.T
+        step = max(1, ranking_store.SLICE // max(1, n_cols))
+        for start in range(0, n_rows, step):
+            span = slice(start, min(n_rows, start + step))
+            keys = torch.rand((span.stop - start, n_cols), generator=generator).numpy()
+            if eligible is not None:
+                keys[~eligible[span]] = 2.0  # above every uniform key: never drawn
+                short = counts[span] > eligible[span].sum(axis=1)
+                if short.any():
+                    raise InvalidInput(f"a row of {name!r} has fewer weights in scope than drawn")
+            chosen_view[span] = select_rows(keys, counts[span])
+        parts[name] = torch.from_numpy(np.flatnonzero(chosen.reshape(-1)))
+    info = {"seed": int(seed), "matched": "per output row", "overlap": "allowed"}
+    return Selection(parts, kind="random_k", info=info)
 
 
 def group_seed(seed: int, label: str) -> int:

@@ -42,6 +42,8 @@ class RankConfig:
     command: str | None = None
     by: str | None = None  # "abs" | "value"; None: abs for signed metrics, value otherwise
     head_grouping: str = "kv"  # head mode: "kv" (key-value groups) or "component"
+    # Comparison group of --topk N%: global, tensor or row (each output row; cwa.ranking_groups)
+    per: str = "global"
 
 
 def export_rows(frame: Any, path: str) -> None:
@@ -57,7 +59,9 @@ def export_rows(frame: Any, path: str) -> None:
 def _check_options(config: RankConfig) -> None:
     from cwa.perturbation.groups import check_head_grouping
     from cwa.ranking import RANK_KEYS, RANK_MODES
+    from cwa.ranking_groups import check_per
 
+    check_per(config.per, config.topk)
     if isinstance(config.topk, str) and config.topk.strip().endswith("%"):
         from cwa.ranking_store import check_fraction_rank
 
@@ -109,6 +113,95 @@ def _largest_group(arch: Any, header: dict[str, Any], config: RankConfig) -> int
     return max((sum(e.count for e in entries) for entries in groups.values()), default=0)
 
 
+def _check_grouped(
+    loaded: Any, header: dict[str, Any], names: list[str] | None, config: RankConfig
+) -> tuple[int, dict[str, int] | None]:
+    """``--per tensor|row`` checked against the model before the run is registered.
+
+    Returns the rows per tensor kept in ranked_weights and the output axes (row mode).
+    """
+    from cwa.ranking_groups import group_k, percent_of, row_axes
+    from cwa.ranking_store import ROWS_IN_TABLE
+
+    scope = names if names is not None else list(header)
+    percent = percent_of(config.topk)
+    axes = row_axes(loaded.model, scope, loaded.arch.tied) if config.per == "row" else None
+    sizes = [
+        int(header[n]["shape"][axes[n]]) if axes else 1 for n in scope
+    ]  # groups per tensor; members = numel / groups
+    members = [max(1, _numel(header[n]["shape"]) // g) for n, g in zip(scope, sizes, strict=True)]
+    if not any(int(group_k(m, percent)) for m in members):
+        raise InvalidInput(
+            f"--topk {config.topk} --per {config.per} selects no weight: every {config.per} "
+            f"holds at most {max(members)} weights; raise the fraction"
+        )
+    return max(1, ROWS_IN_TABLE // max(1, len(scope))), axes
+
+
+def _numel(shape: list[int]) -> int:
+    out = 1
+    for d in shape:
+        out *= int(d)
+    return out
+
+
+def _compute_grouped(
+    ctx: RunContext,
+    score_path: Path,
+    loaded: Any,
+    config: RankConfig,
+    by: str,
+    names: list[str] | None,
+    axes: dict[str, int] | None,
+    rows_per_tensor: int,
+) -> StageOutput:
+    """Selection artifact of a ``--per tensor|row`` ranking; ranked_weights gets the best
+    ``rows_per_tensor`` selected weights of each tensor (group_key = the tensor)."""
+    from cwa.ranking import rank_tensors, ranking_frame
+    from cwa.ranking_store import SELECTION_FILE, iter_selection, store_selection
+
+    metrics = store_selection(
+        ctx, score_path, config.topk, by=by, bottom=config.bottom, names=names,
+        per=config.per, axes=axes,
+    )  # fmt: skip
+    artifact = ctx.artifact_path(SELECTION_FILE, kind="selection")
+    rows = rank_tensors(
+        _selected_scores(score_path, artifact, iter_selection),
+        loaded.arch,
+        k=rows_per_tensor,
+        mode="tensor",
+        bottom=config.bottom,
+        weights=dict(loaded.model.named_parameters()),
+        by=by,
+    )
+    frame = ranking_frame(rows).rename(
+        {"row": "row_index", "column": "column_index", "group": "group_key"}
+    )
+    if config.export:
+        export_rows(frame, config.export)
+    metrics.update(
+        {"n_ranked": float(frame.height), "n_groups": float(frame["group_key"].n_unique())}
+    )
+    return StageOutput(tables={"ranked_weights": frame}, metrics=metrics, value=frame)
+
+
+def _selected_scores(score_path: Path, artifact: Path, iter_selection: Any) -> Any:
+    """(name, scores) with every weight outside the selection set to NaN (not ranked)."""
+    import torch
+
+    from cwa.scorefile import open_scores
+
+    with open_scores(score_path) as reader:
+        for name, indices in iter_selection(artifact):
+            if indices.size == 0:
+                continue
+            scores = reader.get(name).float()
+            masked = torch.full_like(scores, float("nan")).reshape(-1)
+            index = torch.from_numpy(indices)
+            masked[index] = scores.reshape(-1)[index]
+            yield name, masked.reshape(scores.shape)
+
+
 def run_rank(
     store: Store,
     config: RankConfig,
@@ -151,14 +244,19 @@ def run_rank(
         )
     topk = config.topk
     fraction = isinstance(topk, str) and topk.endswith("%")
+    axes: dict[str, int] | None = None
+    names: list[str] | None = None
     if fraction:
         from cwa.models.architecture import resolve_components
         from cwa.ranking_store import ROWS_IN_TABLE, fraction_scope, parse_k
 
         comps = resolve_components(config.components)
         names = fraction_scope(loaded_model.arch, header, config.layers, comps)
-        selected_k = parse_k(topk, largest)
-        topk = min(selected_k, ROWS_IN_TABLE)  # the first rows go to ranked_weights
+        if config.per == "global":
+            selected_k = parse_k(topk, largest)
+            topk = min(selected_k, ROWS_IN_TABLE)  # the first rows go to ranked_weights
+        else:
+            topk, axes = _check_grouped(loaded_model, header, names, config)
     elif topk == "all":
         topk = largest
         reporter.warn(
@@ -186,6 +284,8 @@ def run_rank(
         from cwa.ranking import rank_scores, ranking_frame
 
         ctx.set_model(score_run.model_ref, loaded_model.fingerprint, loaded_model.device)
+        if fraction and config.per != "global":
+            return _compute_grouped(ctx, score_path, loaded_model, config, by, names, axes, topk)
         rows = rank_scores(
             score_path,
             loaded_model.arch,
