@@ -247,7 +247,7 @@ def _check_compact(rank_run: RunRecord, config: PerturbConfig, options: Any) -> 
 def _compact_plan(store: Store, config: PerturbConfig, base: PerturbPlan) -> PerturbPlan:
     """``base`` completed for a sweep over prefixes of a stored pruning-scale selection."""
     from cwa.perturbation.groups import group_scopes
-    from cwa.ranking_prefix import CompactRanking, resolve_k_values, selection_artifact
+    from cwa.ranking_prefix import CompactRanking, selection_artifact
     from cwa.stages.score import SCORE_FILE
 
     rank_run, score_run = base.rank_run, base.score_run
@@ -263,13 +263,10 @@ def _compact_plan(store: Store, config: PerturbConfig, base: PerturbPlan) -> Per
             f"rank run {rank_run.run_id} selected weights of {outside[0]!r}, outside the "
             "perturbation scope; perturb it over the rank run's own scope"
         )
-    k_values = resolve_k_values(
-        config.k_values,
-        n_candidates=int(info["n_candidates"]),
-        stored_k=int(info["k"]),
-        rank_id=rank_run.run_id,
+    k_values = ranking.resolve_k_values(  # per-group (--per tensor|row) fractions included
+        config.k_values, n_candidates=int(info["n_candidates"]), rank_id=rank_run.run_id
     )
-    mode = rank_run.config.get("mode", "global")
+    mode = ranking.control_mode or rank_run.config.get("mode", "global")
     head_grouping = rank_run.config.get("head_grouping", "kv")
     base.groups = group_scopes(base.loaded.arch, base.scope, mode, head_grouping)
     base.ranking, base.k_values, base.key = ranking, k_values, ranking_key(rank_run, score_run)
