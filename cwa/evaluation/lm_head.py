@@ -104,17 +104,26 @@ class _FusedHeadNLL(torch.autograd.Function):
         if need_w:  # float32 sum over chunks, whatever the weight dtype
             grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
         for start in range(0, n, rows):
-            h, y = hidden[start : start + rows], targets[start : start + rows]
+            stop = min(start + rows, n)
+            h, y = hidden[start:stop], targets[start:stop]
             logits = (h @ weight.t()).float()
-            lse = torch.logsumexp(logits, dim=-1)
-            nll[start : start + rows] = lse - logits.gather(1, y[:, None])[:, 0]
-            # d nll / d logits = softmax - onehot, built in the logits' own memory.
-            probs = logits.sub_(lse[:, None]).exp_()
-            probs[torch.arange(probs.shape[0], device=probs.device), y] -= 1.0
+            picked = logits.gather(1, y[:, None])[:, 0]
+            # log-sum-exp and softmax from one exp pass in the logits' own memory (torch's
+            # logsumexp would make a second, separate exp pass over the chunk).
+            peak = logits.amax(dim=1)
+            probs = logits.sub_(peak[:, None]).exp_()
+            total = probs.sum(dim=1)
+            nll[start:stop] = total.log().add_(peak).sub_(picked)
+            # d nll / d logits = softmax - onehot.
+            probs.mul_(total.reciprocal_()[:, None])
+            probs[torch.arange(stop - start, device=probs.device), y] -= 1.0
             if grad_h is not None:
-                grad_h[start : start + rows] = probs.to(weight.dtype) @ weight
+                if probs.dtype == weight.dtype:
+                    torch.mm(probs, weight, out=grad_h[start:stop])
+                else:
+                    grad_h[start:stop] = probs.to(weight.dtype) @ weight
             if grad_w is not None:
-                grad_w.addmm_(probs.t(), h.float())
+                grad_w.addmm_(probs.t(), h if h.dtype == torch.float32 else h.float())
             del logits, probs
         ctx.rows = rows
         ctx.save_for_backward(hidden, weight, targets)

@@ -1,10 +1,12 @@
 """Per-tensor summary statistics of a score tensor (one ``tensor_stats`` row per parameter).
 
 Computed exactly on the in-scope elements as stored (after the cast to the score dtype), with
-numpy: one in-place ``sort`` of a float32 copy per tensor gives min, max, every quantile, the zero
-count (binary search) and the top-1% mass. numpy's vectorised sort takes ~0.5 s for GPT-2's
-38.6M-element embedding on one core, where ``torch.sort`` (which also builds int64 indices) took
-~6 s on the same machine. That copy is the only full-size temporary.
+numpy: one in-place ``partition`` of a float32 array per tensor at the order statistics the row
+needs (min, max, both neighbours of every quantile position, the start of the top 1%) gives them
+exactly, as a full sort would, in about a third of a sort's time (0.11 s vs 0.32 s for 8.2M
+values on one core; ``torch.sort``, which also builds int64 indices, took 0.95 s). The array is
+a copy unless the caller lets it be reordered in place; that copy is the only full-size
+temporary.
 
 - quantiles (p50, p90, p99, p99_9) use linear interpolation between order statistics, the
   default of ``numpy.quantile`` / ``torch.quantile``: position q * (n - 1) in the sorted values.
@@ -43,6 +45,7 @@ STAT_COLUMNS: tuple[str, ...] = (
 
 
 def _quantile(sorted_values: np.ndarray, q: float) -> float:
+    """Linear interpolation at q * (n - 1); needs only positions low and low + 1 in order."""
     position = q * (sorted_values.size - 1)
     low = math.floor(position)
     high = min(low + 1, sorted_values.size - 1)
@@ -58,30 +61,43 @@ def _population_variance(values: np.ndarray) -> float:
     return float(torch.var(torch.from_numpy(values), correction=0, dim=0).double())
 
 
+def _order_positions(n: int, top: int, nonnegative: bool) -> list[int]:
+    """Positions whose order statistics the row reads (see :func:`_quantile`)."""
+    positions = {0, n - 1}
+    for _, q in QUANTILES:
+        low = math.floor(q * (n - 1))
+        positions.update((low, min(low + 1, n - 1)))
+    if nonnegative:
+        positions.add(n - top)  # the top 1% then sits at [n - top:]
+    return sorted(positions)
+
+
 def score_stats(values: np.ndarray, *, overwrite: bool = False) -> dict[str, Any]:
     """Statistics of a 1-D array of in-scope scores (any float dtype; NaN/inf are counted).
 
-    ``overwrite=True`` lets a float32 ``values`` be sorted in place instead of copied.
+    ``overwrite=True`` lets a float32 ``values`` be reordered in place instead of copied.
     """
     values = np.asarray(values)
     if overwrite and values.dtype == np.float32 and values.ndim == 1 and values.flags.writeable:
         ordered = values
     else:
         ordered = np.array(values, dtype=np.float32, copy=True).reshape(-1)
-    ordered.sort()  # in place; NaN sort last, -inf first, +inf just before the NaNs
     numel = int(ordered.size)
     row: dict[str, Any] = dict.fromkeys(STAT_COLUMNS)
     row.update(numel=numel, nonfinite=0, zeros=0)
-    if numel and not (np.isfinite(ordered[0]) and np.isfinite(ordered[-1])):
-        finite = np.flatnonzero(np.isfinite(ordered))  # contiguous in sorted order
-        ordered = ordered[finite[0] : finite[-1] + 1] if finite.size else ordered[:0]
+    finite = np.isfinite(ordered)
+    if not finite.all():
+        ordered = ordered[finite]
         row["nonfinite"] = numel - int(ordered.size)
+    del finite
     n = int(ordered.size)
     if n == 0:
         return row
     # -0.0 and 0.0 compare equal, so this counts both kinds of zero.
-    zero = np.float32(0.0)  # a float32 key: a Python float would make numpy copy the array
-    row["zeros"] = int(np.searchsorted(ordered, zero, "right") - np.searchsorted(ordered, zero))
+    row["zeros"] = int(np.count_nonzero(ordered == 0))
+    top = math.ceil(0.01 * n)
+    nonnegative = bool(ordered.min() >= 0)
+    ordered.partition(_order_positions(n, top, nonnegative))  # in place
     row["min"] = float(ordered[0])
     row["max"] = float(ordered[-1])
     for name, q in QUANTILES:
@@ -89,13 +105,13 @@ def score_stats(values: np.ndarray, *, overwrite: bool = False) -> dict[str, Any
     row["sum"] = float(np.sum(ordered, dtype=np.float64))
     row["mean"] = row["sum"] / n
     row["std"] = math.sqrt(_population_variance(ordered)) if n > 1 else 0.0
-    top = math.ceil(0.01 * n)
-    if ordered[0] >= 0:  # non-negative: |s| = s and the largest are at the end
+    if nonnegative:  # |s| = s and the largest are at the end
         mass = row["sum"]
         top_mass = float(np.sum(ordered[n - top :], dtype=np.float64))
     else:
         magnitudes = np.abs(ordered)
         mass = float(np.sum(magnitudes, dtype=np.float64))
-        top_mass = float(np.sum(np.partition(magnitudes, n - top)[n - top :], dtype=np.float64))
+        magnitudes.partition(n - top)  # in place: its own copy
+        top_mass = float(np.sum(magnitudes[n - top :], dtype=np.float64))
     row["top1pct_mass_share"] = top_mass / mass if mass > 0 else None
     return row
