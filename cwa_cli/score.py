@@ -76,6 +76,14 @@ def score_cmd(
             "super_weight; micro_batch_size=4 for grad_squared).",
         ),
     ] = None,
+    activation_checkpointing: Annotated[
+        bool,
+        typer.Option(
+            "--activation-checkpointing",
+            help="Recompute decoder-block activations during backward (gradient and Hessian "
+            "metrics): same scores, less activation memory, more compute.",
+        ),
+    ] = False,
     list_metrics: ListOpt = False,
 ) -> None:
     """Score every weight's sensitivity on calibration text; prints the run id(s).
@@ -83,6 +91,7 @@ def score_cmd(
     Examples:
       cwa score --model toy --metric grad_x_weight --seeds 0,1,2
       cwa score --model gpt2 --metric hutchinson_diag --probes 32 --data notes.txt
+      cwa score --model gpt2 --metric hutchinson_diag --activation-checkpointing
       cwa score --model toy --metric wanda --components mlp_up,mlp_down --layers 0-1
     """
     if list_metrics or metric == "list":
@@ -106,6 +115,7 @@ def score_cmd(
         options=parse_metric_options(metric_option),
         experiment=experiment,
         command=command_line(),
+        activation_checkpointing=activation_checkpointing,
     )
     with reporter_for(ctx) as reporter:
         outcomes = run_score(open_store(ctx), config, reporter=reporter, mlflow=mlflow_flag(ctx))

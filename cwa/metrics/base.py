@@ -78,6 +78,9 @@ class MetricSpec:
     # True when scores can be negative (curvature-based metrics): rankings and controls then
     # compare |score| by default (``cwa rank --by abs|value``).
     signed: bool = False
+    # True when the metric runs backward passes through the model (gradient and Hessian
+    # metrics): only those can use activation checkpointing (cwa.metrics.checkpointing).
+    uses_backward: bool = False
 
     def planned(self, ctx: ScoringContext) -> list[str]:
         return list(ctx.selected) if self.plan is None else self.plan(ctx)
@@ -86,7 +89,8 @@ class MetricSpec:
 def as_metric_spec(obj: Any, name: str) -> MetricSpec:
     """Accept a MetricSpec, or wrap a plugin function ``f(ctx) -> iterable/dict of scores``.
 
-    A plain function may carry ``version``, ``needs_data`` and ``options`` attributes.
+    A plain function may carry ``version``, ``needs_data``, ``options``, ``signed`` and
+    ``uses_backward`` attributes.
     """
     if isinstance(obj, MetricSpec):
         return obj
@@ -109,6 +113,7 @@ def as_metric_spec(obj: Any, name: str) -> MetricSpec:
         needs_data=bool(getattr(obj, "needs_data", True)),
         options=dict(getattr(obj, "options", {})),
         signed=bool(getattr(obj, "signed", False)),
+        uses_backward=bool(getattr(obj, "uses_backward", False)),
     )
 
 

@@ -167,6 +167,7 @@ GRAD_X_WEIGHT = MetricSpec(
     name="grad_x_weight",
     version="1",
     owns_output=True,
+    uses_backward=True,
     description="|w * dL/dw|, L = mean next-token NLL over all calibration tokens",
     compute=_grad_x_weight,
 )
@@ -175,6 +176,7 @@ GRAD_SQUARED = MetricSpec(
     name="grad_squared",
     version="1",
     owns_output=True,
+    uses_backward=True,
     description="empirical Fisher diagonal: mean over sequences of squared per-sequence gradients",
     compute=_grad_squared,
     options={"micro_batch_size": 1},

@@ -184,6 +184,7 @@ HUTCHINSON_DIAG = MetricSpec(
     name="hutchinson_diag",
     version="1",
     owns_output=True,
+    uses_backward=True,
     signed=True,  # diag(H) is negative where the loss curves down
     description=(
         "Hessian diagonal by Hutchinson: mean of z*Hz, one Rademacher z over all weights per probe"
@@ -196,6 +197,7 @@ OBD = MetricSpec(
     name="obd",
     version="1",
     owns_output=True,
+    uses_backward=True,
     signed=True,  # 0.5 * diag(H) * w^2 keeps the sign of diag(H)
     description="Optimal Brain Damage saliency 0.5 * diag(H) * w^2 (Hutchinson diagonal)",
     compute=_obd,

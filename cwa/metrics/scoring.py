@@ -197,6 +197,19 @@ def _tensor_stats(
     return stats
 
 
+def check_activation_checkpointing(spec: MetricSpec, model: torch.nn.Module | None) -> None:
+    """Refuse --activation-checkpointing where it cannot apply (before a run is registered)."""
+    if not spec.uses_backward:
+        raise InvalidInput(
+            f"--activation-checkpointing applies to metrics that run backward passes "
+            f"(grad_x_weight, grad_squared, hutchinson_diag, obd), not {spec.name!r}; drop it"
+        )
+    if model is not None:
+        from cwa.metrics.checkpointing import decoder_blocks
+
+        decoder_blocks(model)  # raises UnsupportedArchitecture when there are no blocks
+
+
 def score_model(
     model: torch.nn.Module,
     batches: Sequence[Batch] | None,
@@ -211,6 +224,7 @@ def score_model(
     score_dtype: str = "float32",
     options: dict[str, Any] | None = None,
     reporter: Reporter | None = None,
+    activation_checkpointing: bool = False,
 ) -> ScoreOutcome:
     """Score every selected weight of ``model`` with ``metric`` and write ``out_path``.
 
@@ -219,6 +233,8 @@ def score_model(
     ``arch``: the model's :class:`cwa.models.architecture.ArchitectureMap`.
     ``probes``: Hutchinson probes (hutchinson_diag / obd only). ``options``: metric-specific
     options (e.g. ``{"micro_batch_size": 4}`` for grad_squared).
+    ``activation_checkpointing``: recompute decoder-block activations during backward (gradient
+    and Hessian metrics only; see :mod:`cwa.metrics.checkpointing`); same scores, less memory.
     """
     from cwa.metrics import get_metric
 
@@ -230,6 +246,8 @@ def score_model(
         )
     dtype = SCORE_DTYPES[score_dtype]
     resolved_options = _resolve_options(spec, options, probes)
+    if activation_checkpointing:
+        check_activation_checkpointing(spec, model)
     batches = list(batches) if batches is not None else None
     if spec.needs_data and not batches:
         raise InvalidInput(f"metric {spec.name!r} needs calibration data; pass --data")
@@ -253,6 +271,8 @@ def score_model(
         "components": components,
         **resolved_options,
     }
+    if activation_checkpointing:  # recorded only when on: other runs' configs stay as they were
+        config["activation_checkpointing"] = True
     ctx = ScoringContext(
         model=model,
         batches=batches,
@@ -266,7 +286,9 @@ def score_model(
     )
     out_path = Path(out_path)
     stats_rows: list[dict[str, Any]] = []
-    with _eval_mode(model):
+    from cwa.metrics.checkpointing import activation_checkpointing as checkpointed_blocks
+
+    with _eval_mode(model), checkpointed_blocks(model, activation_checkpointing):
         plan = spec.planned(ctx)
         entries = [(name, tuple(parameters[name].shape)) for name in plan]
         metadata = {

@@ -48,6 +48,8 @@ class ScoreConfig:
     options: dict[str, Any] = field(default_factory=dict)
     experiment: str = "default"
     command: str | None = None
+    # Recompute decoder-block activations during backward (gradient / Hessian metrics).
+    activation_checkpointing: bool = False
 
 
 def calibration_texts(data: DataOptions, model_ref: str | None = None) -> list[str]:
@@ -154,6 +156,10 @@ def _validate(config: ScoreConfig) -> None:
         from cwa.models.architecture import resolve_components
 
         resolve_components(config.components)
+    if config.activation_checkpointing:
+        from cwa.metrics.scoring import check_activation_checkpointing
+
+        check_activation_checkpointing(spec, None)  # the model is checked once it is loaded
 
 
 def check_layers(layers: list[int] | None, n_layers: int) -> None:
@@ -203,6 +209,10 @@ def run_score(
 
     require_materialized(loaded.model, "score")  # gradients need real tensors
     check_layers(config.layers, loaded.arch.n_layers)
+    if config.activation_checkpointing:
+        from cwa.metrics.scoring import check_activation_checkpointing
+
+        check_activation_checkpointing(get_metric(config.metric), loaded.model)
     outcomes = []
     for seed in config.seeds:
         outcomes.append(_score_one(store, config, loaded, texts, seed, reporter, mlflow))
@@ -252,6 +262,7 @@ def _score_one(
             score_dtype=config.score_dtype,
             options=config.options,
             reporter=ctx.reporter,
+            activation_checkpointing=config.activation_checkpointing,
         )
         ctx.record_config(metric_config=outcome.config, signed=bool(spec.signed))
         tables: dict[str, Any] = {"tensor_stats": outcome.stats_frame()}
