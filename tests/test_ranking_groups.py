@@ -154,3 +154,72 @@ def test_per_needs_a_fraction() -> None:
     for per, topk in (("row", 100), ("tensor", "all"), ("rows", "50%")):
         with pytest.raises(InvalidInput, match="--per"):
             check_per(per, topk)
+
+
+def test_random_k_by_row_is_matched_uniform_and_seeded(monkeypatch) -> None:
+    from cwa.perturbation.scope import ScopeEntry
+    from cwa.perturbation.selection import random_k_by_row
+
+    monkeypatch.setattr("cwa.ranking_store.SLICE", 64)  # several chunks of rows
+    rng = np.random.default_rng(0)
+    shapes = {"lin": ((12, 20), 0), "conv": ((20, 9), 1)}  # conv: Conv1D [in, out]
+    mask = torch.from_numpy(rng.random(180) < 0.7)
+    scope = [ScopeEntry("lin", 240), ScopeEntry("conv", 180, mask)]
+    treatment = {}
+    for (name, ((rows, cols), _)), entry in zip(shapes.items(), scope, strict=True):
+        eligible = np.ones(rows * cols, bool) if entry.mask is None else entry.mask.numpy()
+        drawn = eligible & (rng.random(rows * cols) < 0.4)
+        treatment[name] = torch.from_numpy(np.flatnonzero(drawn))
+    hits = {name: np.zeros(int(np.prod(s)), dtype=np.int64) for name, (s, _) in shapes.items()}
+    n_draws = 400
+    for seed in range(n_draws):
+        drawn = random_k_by_row(treatment, scope, shapes, seed)
+        for name, (shape, axis) in shapes.items():
+            idx = drawn[name].numpy()
+            assert (np.diff(idx) > 0).all()
+            if name == "conv":
+                assert mask.numpy()[idx].all()  # never outside the scope
+            want = np.zeros(shape, dtype=np.int64)
+            have = np.zeros(shape, dtype=np.int64)
+            want.reshape(-1)[treatment[name].numpy()] = 1
+            have.reshape(-1)[idx] = 1
+            assert (want.sum(axis=1 - axis) == have.sum(axis=1 - axis)).all()  # per output row
+            hits[name][idx] += 1
+    again = random_k_by_row(treatment, scope, shapes, 7)
+    first = random_k_by_row(treatment, scope, shapes, 7)
+    assert all(torch.equal(again[n], first[n]) for n in shapes)
+    # Uniform: each eligible element of row r is drawn with probability c_r / n_r.
+    for name, (shape, axis) in shapes.items():
+        eligible = np.ones(shape, bool).reshape(-1) if name == "lin" else mask.numpy()
+        want = np.zeros(shape, dtype=np.int64)
+        want.reshape(-1)[treatment[name].numpy()] = 1
+        rows_of = np.broadcast_to(np.arange(shape[axis]).reshape((-1, 1) if axis == 0 else (1, -1)),
+                                  shape).reshape(-1)  # fmt: skip
+        c = np.bincount(rows_of, weights=want.reshape(-1), minlength=shape[axis])
+        n = np.bincount(rows_of, weights=eligible, minlength=shape[axis])
+        p = (c / np.maximum(n, 1))[rows_of][eligible]
+        observed = hits[name][eligible] / n_draws
+        assert np.abs(observed - p).max() < 5 * np.sqrt(0.25 / n_draws)
+
+
+def test_builtin_random_k_uses_rows_of_a_per_row_ranking(tmp_path) -> None:
+    from types import SimpleNamespace
+
+    from cwa.perturbation.builtin_selections import RANDOM_K
+    from cwa.perturbation.scope import ScopeEntry
+    from cwa.ranking_prefix import CompactRanking
+
+    path, _ = _score_file(tmp_path, seed=2, nan=0.0)
+    select_grouped(path, "40%", tmp_path / "s.bin", per="row", axes=AXES)
+    ranking = CompactRanking(tmp_path / "s.bin", path)
+    assert ranking.control_mode == "tensor" and ranking.row_layout is not None
+    treatment = {n: torch.from_numpy(i) for n, i in ranking.prefix(ranking.height).items()}
+    scope = [ScopeEntry(n, int(np.prod(s))) for n, (s, _) in TENSORS.items()]
+    request = SimpleNamespace(counts={"x": 1}, treatment=treatment, scope=scope, seed=3,
+                              ranking=ranking, groups={})  # fmt: skip
+    drawn = RANDOM_K.build(request)
+    assert drawn.info["matched"] == "per output row"
+    for name, (shape, axis) in TENSORS.items():
+        have = np.zeros(shape, dtype=np.int64)
+        have.reshape(-1)[drawn[name].numpy()] = 1
+        assert (have.sum(axis=1 - axis) == _half_up(shape[1 - axis], Fraction(40))).all()
