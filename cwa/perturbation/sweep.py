@@ -97,6 +97,9 @@ class SweepInputs:
     rank_run: Any = None
     score_run: Any = None
     scope_record: dict[str, Any] = field(default_factory=dict)  # stored with every condition
+    # Replay the hidden states below the scope's lowest layer (cwa.evaluation.layer_reuse).
+    layer_reuse: bool = False
+    layer_reuse_budget_gb: float = 4.0
 
 
 @dataclass
@@ -104,6 +107,7 @@ class SweepResult:
     conditions: list[dict[str, Any]] = field(default_factory=list)
     evaluations: list[dict[str, Any]] = field(default_factory=list)  # with condition_id
     groups: list[dict[str, Any]] = field(default_factory=list)  # condition_id, group_key, k
+    layer_reuse: dict[str, Any] = field(default_factory=dict)  # what was reused, and why
 
 
 _SHARED = (
@@ -175,10 +179,10 @@ def run_sweep(
 ) -> SweepResult:
     """Run every condition: build, perturb in place, evaluate, restore bit-exactly.
 
-    ``reuse``: a :class:`~cwa.evaluation.layer_reuse.LayerReuse` session (or None).
+    ``reuse``: a :class:`~cwa.evaluation.layer_reuse.LayerReuse` session; by default one is
+    made from ``inputs.layer_reuse`` and ``inputs.layer_reuse_budget_gb`` (off when False).
     """
-    from contextlib import nullcontext
-
+    from cwa.evaluation.layer_reuse import sweep_reuse
     from cwa.perturbation.apply import perturbed
     from cwa.perturbation.checksum import named_checksums
 
@@ -191,6 +195,16 @@ def run_sweep(
         "n_weights": int(sum(entry.count for entry in inputs.scope)),
     }
     result = SweepResult()
+    if reuse is None:
+        reuse = sweep_reuse(
+            inputs.model,
+            inputs.arch,
+            touched,
+            len(conditions),
+            enabled=inputs.layer_reuse,
+            budget_gb=inputs.layer_reuse_budget_gb,
+            reporter=reporter,
+        )
     treatments: dict[int, tuple[Any, dict[str, int]]] = {}
     task = reporter.task("perturbation conditions", len(conditions))
     try:
@@ -207,7 +221,7 @@ def run_sweep(
                 baseline_checksums=extra,
                 reporter=reporter,
             ) as handle:
-                with reuse.condition(list(selection)) if reuse is not None else nullcontext():
+                with reuse.condition(list(selection)):
                     rows = evaluate()
             record = handle.record()
             result.conditions.append(
@@ -237,8 +251,8 @@ def run_sweep(
             task.advance()
     finally:
         task.close()
-        if reuse is not None:
-            reuse.release()  # the captured states are the sweep's alone
+        reuse.release()  # the captured states are the sweep's alone
+    result.layer_reuse = reuse.record()
     if named_checksums({n: params[n] for n in touched}) != baseline:
         raise RestoreError("the model differs from its baseline after the sweep; discard it")
     return result

@@ -380,6 +380,8 @@ def _compute(
         rank_run=plan.rank_run,
         score_run=plan.score_run,
         scope_record=plan.scope_record,
+        layer_reuse=config.layer_reuse,
+        layer_reuse_budget_gb=config.layer_reuse_budget_gb,
     )
     conditions = plan_conditions(
         options.treatment,
@@ -390,19 +392,8 @@ def _compute(
         k_values=plan.k_values,
         seeds=config.seeds,
     )
-    from cwa.evaluation.layer_reuse import sweep_reuse
-
-    reuse = sweep_reuse(
-        loaded.model,
-        loaded.arch,
-        [entry.name for entry in plan.scope],
-        len(conditions),
-        enabled=config.layer_reuse,
-        budget_gb=config.layer_reuse_budget_gb,
-        reporter=reporter,
-    )
-    result = run_sweep(inputs, conditions, evaluate, reporter=reporter, reuse=reuse)
-    ctx.record_config(layer_reuse=reuse.record())
+    result = run_sweep(inputs, conditions, evaluate, reporter=reporter)
+    ctx.record_config(layer_reuse=result.layer_reuse)
     rows += result.evaluations
     for row in rows:
         row["model_fingerprint"] = loaded.fingerprint
