@@ -275,3 +275,37 @@ def test_parameter_layers_and_the_sweep_plan() -> None:
     assert "embeddings" in plan_reuse(llama, l_arch, everything, 8).reason
     layer0 = [n for n, i in l_arch.params.items() if i.layer in (0, 3)]
     assert "layer 0" in plan_reuse(llama, l_arch, layer0, 8).reason
+
+
+@pytest.mark.parametrize("layer0", ["cpu", "disk"])
+def test_replay_under_a_device_map(toy_env, one_thread, layer0) -> None:
+    """A model loaded through a device map (layer 0 offloaded to disk, under accelerate's
+    hooks, in one case): the replay skips layer 0, keeps the states on layer 1's device and
+    equals the mapped full forward."""
+    from cwa.models.loading import load_model
+
+    mapping = {"transformer.wte": "cpu", "transformer.wpe": "cpu", "transformer.h.0": layer0,
+               "transformer.h.1": "cpu", "transformer.ln_f": "cpu", "lm_head": "cpu"}  # fmt: skip
+    plain = load_model("toy", device="cpu")
+    mapped = load_model("toy", device="cpu", device_map=mapping)
+    model, arch = mapped.model, mapped.arch
+    offloaded = any(p.device.type == "meta" for p in model.transformer.h[0].parameters())
+    assert offloaded == (layer0 == "disk")
+    vocab = int(model.config.vocab_size)
+    reqs, windows = _requests(vocab)
+    reuse = LayerReuse(model, arch, ReusePlan(1, "test"))
+    name = "transformer.h.1.mlp.c_fc.weight"
+    results = []
+    for target in (model, model, plain.model):  # capture, replay, then the plain model
+        with _Perturb(target, name):
+            if target is model:
+                with reuse.condition([name]) as mode:
+                    results.append(_evaluate(target, reqs, windows))
+                assert _equal(results[-1], _evaluate(target, reqs, windows)), mode
+            else:
+                results.append(_evaluate(target, reqs, windows))
+    assert reuse.record()["conditions_replayed"] == 1
+    assert all(e.state.device.type == "cpu" for e in reuse.entries)
+    assert _equal(results[0], results[1])
+    for got, want in zip(results[1], results[2], strict=True):  # the plain load agrees
+        torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
