@@ -11,21 +11,33 @@ same calibration batch (16 x 256 tokens by default) goes through
 
 Each variant runs in its own fresh process, one thread; peak memory is the process's resident
 high-water mark during the computation minus its resident size just before it; time is the
-process's CPU time (best of two passes), which other load on a shared machine does not
-inflate. Prints both and the ratios side by side (targets: memory ratio <= 0.6, throughput
-ratio >= 1).
+process's CPU time (best of two passes), which other load on a shared machine inflates less
+than wall time. The variants run ``--repeats`` times, interleaved; medians and the ratios are
+printed side by side (targets: memory ratio <= 0.6, throughput ratio >= 1), with the
+throughput ratio of every round.
+
+``--checkpointing`` adds, side by side, ``grad_x_weight`` and ``hutchinson_diag`` (``--probes``
+probes on ``--hessian-batch`` sequences) with and without ``--activation-checkpointing``:
+peak memory, CPU time and whether the loss is identical.
 
     python benchmarks/bench_score_memory.py [--vocab 32000] [--batch 16] [--seq 256]
+        [--repeats 3] [--checkpointing]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
+import statistics
 import subprocess
 import sys
 import tempfile
 import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+VARIANTS = ("bare", "cwa", "cwa-ckpt", "hutchinson", "hutchinson-ckpt")
 
 
 def _rss_bytes() -> int:
@@ -66,16 +78,25 @@ def worker(args: argparse.Namespace) -> None:
 
     torch.set_num_threads(1)
     model, ids = _build(args)
-    if args.variant == "cwa":
+    if args.variant != "bare":
         from cwa.metrics.scoring import score_model
         from cwa.models.architecture import build_architecture_map
 
         arch = build_architecture_map(model)
         out = tempfile.NamedTemporaryFile(suffix=".safetensors", delete=False).name
+        hessian = args.variant.startswith("hutchinson")
+        if hessian:
+            ids = ids[: args.hessian_batch]
         batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+        metric = "hutchinson_diag" if hessian else "grad_x_weight"
+        extra = {"probes": args.probes} if hessian else {}
+        checkpointing = args.variant.endswith("-ckpt")
 
         def run() -> float:
-            outcome = score_model(model, [batch], "grad_x_weight", arch=arch, out_path=out)
+            outcome = score_model(
+                model, [batch], metric, arch=arch, out_path=out,
+                activation_checkpointing=checkpointing, **extra,
+            )  # fmt: skip
             return float(outcome.loss)
     else:
 
@@ -100,6 +121,19 @@ def worker(args: argparse.Namespace) -> None:
     print(json.dumps({"peak": peak, "seconds": seconds, "loss": loss}))
 
 
+def _measure(args: argparse.Namespace, variant: str) -> dict[str, float]:
+    cmd = [sys.executable, __file__, "--variant", variant]
+    for key in ("vocab", "hidden", "layers", "batch", "seq", "hessian_batch", "probes"):
+        cmd += [f"--{key.replace('_', '-')}", str(getattr(args, key))]
+    # The checkout first on the worker's path: it must import this cwa, not an installed one.
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
+    proc = subprocess.run(cmd, capture_output=True, text=True, check=False, env=env)
+    if proc.returncode != 0:
+        raise SystemExit(f"worker {variant} failed:\n{proc.stderr[-3000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--vocab", type=int, default=32000)
@@ -107,26 +141,35 @@ def main() -> None:
     parser.add_argument("--layers", type=int, default=4)
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--seq", type=int, default=256)
-    parser.add_argument("--variant", choices=["bare", "cwa"], default=None)
+    parser.add_argument("--repeats", type=int, default=3, help="interleaved rounds (median)")
+    parser.add_argument(
+        "--checkpointing", action="store_true",
+        help="also grad_x_weight and hutchinson_diag with --activation-checkpointing, side by side",
+    )  # fmt: skip
+    parser.add_argument("--hessian-batch", type=int, default=4, help="sequences (Hessian rows)")
+    parser.add_argument("--probes", type=int, default=2, help="Hutchinson probes (Hessian rows)")
+    parser.add_argument("--variant", choices=VARIANTS, default=None)
     args = parser.parse_args()
     if args.variant:
         worker(args)
         return
-    results = {}
-    for variant in ("bare", "cwa"):
-        cmd = [sys.executable, __file__, "--variant", variant]
-        for key in ("vocab", "hidden", "layers", "batch", "seq"):
-            cmd += [f"--{key}", str(getattr(args, key))]
-        proc = subprocess.run(cmd, capture_output=True, text=True, check=True)
-        results[variant] = json.loads(proc.stdout.strip().splitlines()[-1])
+    variants = list(VARIANTS if args.checkpointing else VARIANTS[:2])
+    runs: dict[str, list[dict[str, float]]] = {v: [] for v in variants}
+    for _ in range(args.repeats):  # interleaved, so slow phases of a shared machine hit all
+        for variant in variants:
+            runs[variant].append(_measure(args, variant))
+    med = {
+        v: {k: statistics.median(r[k] for r in rs) for k in ("peak", "seconds")}
+        for v, rs in runs.items()
+    }
     tokens = args.batch * args.seq
-    bare, cwa = results["bare"], results["cwa"]
+    bare, cwa = med["bare"], med["cwa"]
+    mib = 1 << 20
     print(
         f"Llama vocab={args.vocab} hidden={args.hidden} layers={args.layers}, "
-        f"{args.batch}x{args.seq} tokens, 1 thread"
+        f"{args.batch}x{args.seq} tokens, 1 thread, median of {args.repeats} interleaved rounds"
     )
     print(f"{'':24}{'bare HF fwd+bwd':>18}{'cwa score':>14}{'ratio cwa/bare':>16}")
-    mib = 1 << 20
     print(
         f"{'peak memory (MiB)':24}{bare['peak'] / mib:>18.0f}{cwa['peak'] / mib:>14.0f}"
         f"{cwa['peak'] / bare['peak']:>16.2f}"
@@ -135,7 +178,29 @@ def main() -> None:
         f"{'throughput (tokens/s)':24}{tokens / bare['seconds']:>18.0f}"
         f"{tokens / cwa['seconds']:>14.0f}{bare['seconds'] / cwa['seconds']:>16.2f}"
     )
-    print(f"{'loss':24}{bare['loss']:>18.6f}{cwa['loss']:>14.6f}")
+    print(f"{'loss':24}{runs['bare'][0]['loss']:>18.6f}{runs['cwa'][0]['loss']:>14.6f}")
+    rounds = [b["seconds"] / c["seconds"] for b, c in zip(runs["bare"], runs["cwa"], strict=True)]
+    print("throughput ratio per round: " + ", ".join(f"{r:.2f}" for r in rounds))
+    if not args.checkpointing:
+        return
+    print()
+    print(
+        f"activation checkpointing (off -> on), grad_x_weight on {args.batch}x{args.seq} "
+        f"tokens, hutchinson_diag ({args.probes} probes) on {args.hessian_batch}x{args.seq}"
+    )
+    print(f"{'':24}{'peak off':>10}{'peak on':>10}{'ratio':>8}{'CPU s off':>11}{'CPU s on':>10}"
+          f"{'ratio':>8}{'loss equal':>12}")  # fmt: skip
+    for label, off, on in (
+        ("grad_x_weight", "cwa", "cwa-ckpt"),
+        ("hutchinson_diag", "hutchinson", "hutchinson-ckpt"),
+    ):
+        a, b = med[off], med[on]
+        same = runs[off][0]["loss"] == runs[on][0]["loss"]
+        print(
+            f"{label:24}{a['peak'] / mib:>10.0f}{b['peak'] / mib:>10.0f}"
+            f"{b['peak'] / a['peak']:>8.2f}{a['seconds']:>11.2f}{b['seconds']:>10.2f}"
+            f"{b['seconds'] / a['seconds']:>8.2f}{str(same):>12}"
+        )
 
 
 if __name__ == "__main__":
