@@ -291,6 +291,9 @@ class LayerReuse:
         ]
         try:
             yield
+        except BaseException:
+            self.entries, self.status = [], "off"  # a partial capture is never replayed
+            raise
         finally:
             for handle in handles:
                 handle.remove()
