@@ -33,6 +33,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 HARNESS_SPEC = "lm-eval[hf]>=0.4.13"
@@ -136,8 +137,68 @@ def ensure_harness(venv: Path) -> str | None:
     return None
 
 
-def _timed(cmd: list[str], env: dict[str, str], log: Path) -> tuple[float, float]:
-    """(wall seconds, peak RSS GiB) of one whole process; raises if it fails."""
+@dataclass
+class Measure:
+    """One whole-process run: wall seconds until the command returned, peak RSS (GiB), CPU
+    seconds (user + system); for cwa's detached MLflow mirror also when it had finished
+    (``done``, from the start of the command), its own peak RSS and CPU seconds."""
+
+    wall: float
+    rss: float
+    cpu: float
+    done: float
+    mirror_rss: float = 0.0
+    mirror_cpu: float = 0.0
+
+
+_TICK = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+
+
+def _proc_sample(pid: int) -> tuple[float, float] | None:
+    """(peak RSS GiB so far, CPU seconds so far) of a live process, None once it is gone."""
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+        stat = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return None
+    if stat[0] == "Z":
+        return None
+    hwm = next((int(x.split()[1]) for x in status.splitlines() if x.startswith("VmHWM:")), 0)
+    return hwm / 2**20, (int(stat[11]) + int(stat[12])) / _TICK
+
+
+def _wait_mirror(store: Path, start: float) -> tuple[float, float, float]:
+    """Wait for cwa's detached MLflow mirror workers of ``store`` (pids in the queue's markers,
+    cwa.mlflow_background) to exit: (finished at, s since ``start``; peak RSS GiB; CPU s)."""
+    queue = store / "mlflow-pending"
+    pids = set()
+    if queue.is_dir():
+        for marker in queue.iterdir():
+            text = marker.read_text().strip() if not marker.name.startswith(".") else ""
+            if text.isdigit():
+                pids.add(int(text))
+    rss = cpu = 0.0
+    last: dict[int, tuple[float, float]] = {}
+    while pids:
+        for pid in list(pids):
+            sample = _proc_sample(pid)
+            if sample is None:
+                pids.discard(pid)
+            else:
+                last[pid] = sample
+        time.sleep(0.02)
+    for peak, used in last.values():  # the last sample before each worker exited
+        rss, cpu = max(rss, peak), cpu + used
+    leftover = sorted(p.name for p in queue.iterdir() if not p.name.startswith(".")) if (
+        queue.is_dir()) else []  # fmt: skip
+    if leftover:
+        raise RuntimeError(f"the MLflow mirror left runs unmirrored: {leftover}")
+    return time.perf_counter() - start, rss, cpu
+
+
+def _timed(cmd: list[str], env: dict[str, str], log: Path, store: Path | None = None) -> Measure:
+    """One whole process; with ``store``, also waits for its detached MLflow mirror (so it
+    steals no CPU from the next run) and measures it. Raises if the command fails."""
     with log.open("w") as out:
         start = time.perf_counter()
         proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env)
@@ -147,7 +208,12 @@ def _timed(cmd: list[str], env: dict[str, str], log: Path) -> tuple[float, float
     if proc.returncode != 0:
         tail = log.read_text(errors="replace")[-3000:]
         raise RuntimeError(f"{cmd[0]} failed ({proc.returncode}):\n{tail}")
-    return wall, usage.ru_maxrss / 2**20  # ru_maxrss is in KiB on Linux
+    cpu = usage.ru_utime + usage.ru_stime
+    measure = Measure(wall, usage.ru_maxrss / 2**20, cpu, wall)  # ru_maxrss is in KiB on Linux
+    if store is not None:
+        measure.done, measure.mirror_rss, measure.mirror_cpu = _wait_mirror(store, start)
+        measure.done = max(measure.done, wall)
+    return measure
 
 
 def cwa_command(args: argparse.Namespace, hs: Path, lam: Path, *flags: str) -> list[str]:
@@ -186,6 +252,40 @@ def harness_metrics(out: Path) -> dict[tuple[str, str], float]:
     return got
 
 
+def _median(values: list[float]) -> float:
+    return statistics.median(values)
+
+
+def report(runs: dict[str, list[Measure]]) -> None:
+    """Medians side by side; ratios against lm-eval by wall time (the target) and CPU time
+    (less sensitive to other processes on a shared machine)."""
+    med = {n: {f: _median([getattr(m, f) for m in r]) for f in Measure.__dataclass_fields__}
+           for n, r in runs.items()}  # fmt: skip
+    print(f"\n{'':11}{'returned s':>11}{'mirror done s':>14}{'peak RSS GiB':>13}"
+          f"{'mirror RSS':>11}{'CPU s':>8}   wall s of each run")  # fmt: skip
+    for name, m in med.items():
+        walls = ", ".join(f"{x.wall:.1f}" for x in runs[name])
+        mirror = name == "cwa"
+        print(f"{name:11}{m['wall']:>11.2f}{m['done'] if mirror else m['wall']:>14.2f}"
+              f"{m['rss']:>13.3f}{m['mirror_rss'] if mirror else 0:>11.3f}"
+              f"{m['cpu'] + m['mirror_cpu']:>8.1f}   {walls}")  # fmt: skip
+    if "lm-eval" not in med:
+        return
+    ref = med["lm-eval"]
+    print("\n(CPU s counts the detached mirror's CPU too; 'mirror done' is when it had finished)")
+    for name in [n for n in med if n != "lm-eval"]:
+        m = med[name]
+        line = (f"{name} is {ref['wall'] / m['wall']:.2f}x as fast as lm-eval until it returns "
+                f"(target >= 2)")  # fmt: skip
+        if name == "cwa":
+            line += f", {ref['wall'] / m['done']:.2f}x until its MLflow mirror had finished"
+        line += (f"; {ref['cpu'] / (m['cpu'] + m['mirror_cpu']):.2f}x by CPU time; peak memory "
+                 f"{m['rss'] / ref['rss']:.2f}x (target <= 0.8)")  # fmt: skip
+        if name == "cwa":
+            line += f", mirror process {m['mirror_rss'] / ref['rss']:.2f}x"
+        print(line)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--model")
@@ -196,6 +296,9 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--warmup", type=int, default=1, help="untimed runs of each tool first")
+    parser.add_argument(
+        "--inline", action="store_true", help="also time cwa mirroring inline (CWA_MLFLOW_MODE)"
+    )
     default_venv = Path(os.environ.get("CWA_CACHE") or Path.home() / ".cache" / "cwa")
     parser.add_argument("--venv", type=Path, default=default_venv / "bench-lmeval-venv")
     args = parser.parse_args()
@@ -223,38 +326,31 @@ def main() -> None:
     if skip:
         print(f"lm-evaluation-harness skipped: {skip}")
     # cwa as it runs by default (runs mirrored to MLflow) and without the MLflow mirror.
-    tools = {
-        "cwa": lambda: cwa_command(args, hs, lam),
-        "cwa-nomlf": lambda: cwa_command(args, hs, lam, "--no-mlflow"),
+    store = work / "cwa_store"
+    tools = {  # name -> (command, env, store whose detached MLflow mirror to wait for)
+        "cwa": (lambda: cwa_command(args, hs, lam), env, store),
+        "cwa-nomlf": (lambda: cwa_command(args, hs, lam, "--no-mlflow"), env, None),
     }
+    if args.inline:
+        inline_env = {**env, "CWA_MLFLOW_MODE": "inline"}
+        tools["cwa-inline"] = (lambda: cwa_command(args, hs, lam), inline_env, None)
     if not skip:
-        tools["lm-eval"] = lambda: harness_command(args, args.venv, tasks, work / "harness_out")
-    runs: dict[str, list[tuple[float, float]]] = {name: [] for name in tools}
+        out = work / "harness_out"
+        tools["lm-eval"] = (lambda: harness_command(args, args.venv, tasks, out), env, None)
+    runs: dict[str, list[Measure]] = {name: [] for name in tools}
     logs = {name: work / f"{name}.log" for name in tools}
     for repeat in range(args.warmup + args.repeats):
-        for name, command in tools.items():  # interleaved, so load drifts hit all alike
-            result = _timed(command(), env, logs[name])
+        for name, (command, tool_env, mirror_store) in tools.items():  # interleaved: load
+            result = _timed(command(), tool_env, logs[name], mirror_store)  # drifts hit all
             if repeat >= args.warmup:  # warm-up runs fill caches and are not counted
                 runs[name].append(result)
     metrics = {"cwa": cwa_metrics(logs["cwa"])}
-    if cwa_metrics(logs["cwa-nomlf"]) != metrics["cwa"]:
-        print("note: cwa with and without the MLflow mirror gave different numbers")
+    for variant in [n for n in tools if n.startswith("cwa-")]:
+        if cwa_metrics(logs[variant]) != metrics["cwa"]:
+            print(f"note: {variant} gave different numbers than cwa")
     if "lm-eval" in tools:
         metrics["lm-eval"] = harness_metrics(work / "harness_out")
-
-    med = {n: (statistics.median(w for w, _ in r), statistics.median(m for _, m in r))
-           for n, r in runs.items()}  # fmt: skip
-    print(f"\n{'':10}{'wall s (median)':>18}{'peak RSS GiB':>15}   all wall s")
-    for name, (wall, rss) in med.items():
-        walls = ", ".join(f"{w:.1f}" for w, _ in runs[name])
-        print(f"{name:10}{wall:>18.2f}{rss:>15.3f}   {walls}")
-    if "lm-eval" in med:
-        print()
-        for name in ("cwa", "cwa-nomlf"):
-            speed = med["lm-eval"][0] / med[name][0]
-            mem = med[name][1] / med["lm-eval"][1]
-            print(f"{name} is {speed:.2f}x as fast as lm-eval (target >= 2); "
-                  f"peak memory {mem:.2f}x (target <= 0.8)")  # fmt: skip
+    report(runs)
     print(f"\n{'task':10}{'metric':12}" + "".join(f"{n:>16}" for n in metrics) + "   |diff|")
     for key in sorted(metrics["cwa"]):
         values = [metrics[n].get(key) for n in metrics]

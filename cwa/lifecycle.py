@@ -4,7 +4,9 @@
 2. Compute, with progress reported through the injected reporter; no store connection is held.
 3. Write every result table, the run's metrics and its artifact list in ONE transaction and mark
    the run ``succeeded`` in that same transaction: a crash never leaves half-written results.
-4. Mirror the run to MLflow (after DuckDB is written; a mirror failure is only a warning).
+4. Mirror the run to MLflow (after DuckDB is written; a mirror failure is only a warning), by
+   default in a detached process (:mod:`cwa.mlflow_background`; ``CWA_MLFLOW_MODE=inline``
+   mirrors before returning).
 
 An exception marks the run ``failed`` with the error text, Ctrl-C (KeyboardInterrupt) and
 SIGTERM (what SLURM and Kubernetes send before killing a job) mark it ``interrupted``; both are
@@ -269,6 +271,11 @@ def execute_stage(
     ``cwa runs recover``; KeyboardInterrupt and SIGTERM mark it interrupted and propagate.
     """
     reporter = reporter or NULL_REPORTER
+    mirror = None
+    if _mlflow_enabled(mlflow):
+        from cwa.mlflow_background import mirror_mode
+
+        mirror = mirror_mode()  # a bad CWA_MLFLOW_MODE is refused before the run exists
     record = register_run(store, request)
     ctx = RunContext(store, record.run_id, request, reporter)
     started = time.monotonic()
@@ -292,10 +299,15 @@ def execute_stage(
             _fail_write(store, record.run_id, started, exc)
             raise
     mlflow_run_id = None
-    if _mlflow_enabled(mlflow):
-        from cwa.mlflow_mirror import mirror_run
+    if mirror is not None:
+        if mirror == "inline":
+            from cwa.mlflow_mirror import mirror_run
 
-        mlflow_run_id = mirror_run(store, record.run_id, reporter=reporter)
+            mlflow_run_id = mirror_run(store, record.run_id, reporter=reporter, fresh=True)
+        else:  # a detached process mirrors it (MLflow's import costs seconds here)
+            from cwa.mlflow_background import start_background_mirror
+
+            start_background_mirror(store, record.run_id, reporter=reporter)
     return RunOutcome(
         run_id=record.run_id,
         stage=request.stage,

@@ -110,11 +110,16 @@ def mirror_run(
     *,
     reporter: Reporter | None = None,
     copy_scores: bool | None = None,
+    fresh: bool = False,
 ) -> str | None:
-    """Copy a run to MLflow; returns the MLflow run id, or None (with a warning) on failure."""
+    """Copy a run to MLflow; returns the MLflow run id, or None (with a warning) on failure.
+
+    ``fresh``: the run was never mirrored (a stage that just finished), so MLflow is not
+    searched for earlier copies to replace.
+    """
     reporter = reporter or NULL_REPORTER
     try:
-        return _mirror(store, run_id, _client(store), copy_scores)
+        return _mirror(store, run_id, _client(store), copy_scores, fresh=fresh)
     except Exception as exc:  # the mirror must never lose or block data
         reporter.warn(
             f"MLflow mirror failed for run {run_id} ({_first_line(exc)}); the run is safe in the "
@@ -240,7 +245,9 @@ def _tags(run: RunRecord, store: Store, user_tags: dict[str, str], note: str) ->
     return tags
 
 
-def _mirror(store: Store, run_id: str, client: Any, copy_scores: bool | None) -> str:
+def _mirror(
+    store: Store, run_id: str, client: Any, copy_scores: bool | None, *, fresh: bool = False
+) -> str:
     from mlflow.entities import Dataset, DatasetInput, InputTag, Metric, Param
 
     copy_scores = copy_scores_default() if copy_scores is None else copy_scores
@@ -260,8 +267,9 @@ def _mirror(store: Store, run_id: str, client: Any, copy_scores: bool | None) ->
         user_tags = tags_of(con, run_id)
         note = run_description(con, client, run)
     experiment_id = _experiment_id(client, store, run.experiment)
-    for old in _mirrored_copies(client, run_id, run.mlflow_run_id):
-        client.delete_run(old)  # a re-mirror replaces the earlier copy
+    if not (fresh and run.mlflow_run_id is None):
+        for old in _mirrored_copies(client, run_id, run.mlflow_run_id):
+            client.delete_run(old)  # a re-mirror replaces the earlier copy
     start_ms = _epoch_ms(run.created_at)
     mlrun = client.create_run(
         experiment_id, start_time=start_ms, tags=_tags(run, store, user_tags, note)

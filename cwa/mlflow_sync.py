@@ -10,6 +10,7 @@ import os
 from typing import Any
 
 from cwa.errors import CwaError
+from cwa.mlflow_background import clear_pending, mirror_lock
 from cwa.mlflow_mirror import (
     MirrorFailed,
     _client,
@@ -55,16 +56,20 @@ def sync_runs(
             f"cannot open MLflow at {tracking_uri(store)} ({_first_line(exc)})"
         ) from exc
     done = []
-    for run_id in ids:
-        try:
-            done.append((run_id, _mirror(store, run_id, client, copy_scores)))
-        except Exception as exc:
-            raise MirrorFailed(
-                f"mirroring run {run_id} to {tracking_uri(store)} failed ({_first_line(exc)}); "
-                f"{len(done)} run(s) before it were mirrored"
-            ) from exc
-        reporter.info(f"mirrored {run_id} -> MLflow run {done[-1][1]}")
-    _relink_children(store, client, {r for r, _ in done})
+    # A background mirror worker (cwa.mlflow_background) finishes first; the runs still queued
+    # for it are mirrored here and leave its queue.
+    with mirror_lock(store):
+        for run_id in ids:
+            try:
+                done.append((run_id, _mirror(store, run_id, client, copy_scores)))
+            except Exception as exc:
+                raise MirrorFailed(
+                    f"mirroring run {run_id} to {tracking_uri(store)} failed "
+                    f"({_first_line(exc)}); {len(done)} run(s) before it were mirrored"
+                ) from exc
+            clear_pending(store, [run_id])
+            reporter.info(f"mirrored {run_id} -> MLflow run {done[-1][1]}")
+        _relink_children(store, client, {r for r, _ in done})
     return done
 
 

@@ -1,6 +1,6 @@
 """``python -m cwa_cli`` (and ``torchrun --nproc-per-node N -m cwa_cli score ...``)."""
 
-from cwa_cli.main import main
+from cwa_cli.main import entry
 
 if __name__ == "__main__":
-    main()
+    entry()

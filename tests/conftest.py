@@ -24,6 +24,9 @@ def _isolated_environment(
 ) -> None:
     monkeypatch.setenv("CWA_STORE", str(tmp_path / "store"))
     monkeypatch.setenv("CWA_MLFLOW", "0")
+    # Where a test turns the mirror on, it mirrors before the stage returns (deterministic);
+    # tests of the detached mirror set CWA_MLFLOW_MODE=background themselves.
+    monkeypatch.setenv("CWA_MLFLOW_MODE", "inline")
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("TRANSFORMERS_OFFLINE", "1")
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
