@@ -309,3 +309,20 @@ def test_replay_under_a_device_map(toy_env, one_thread, layer0) -> None:
     assert _equal(results[0], results[1])
     for got, want in zip(results[1], results[2], strict=True):  # the plain load agrees
         torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+
+
+def test_a_sweep_of_the_final_norm_replays_every_layer() -> None:
+    model = _llama()
+    arch = build_architecture_map(model)
+    plan = plan_reuse(model, arch, ["model.norm.weight", "lm_head.weight"], 4)
+    assert plan.from_layer == arch.n_layers == 4
+    reqs, windows = _requests(101)
+    reuse = LayerReuse(model, arch, plan)
+    modes = []
+    for name in ("model.norm.weight", "lm_head.weight", "model.norm.weight"):
+        with _Perturb(model, name):
+            with reuse.condition([name]) as mode:
+                got = _evaluate(model, reqs, windows)
+            assert _equal(got, _evaluate(model, reqs, windows)), name
+        modes.append(mode)
+    assert modes == ["capture", "replay", "replay"]

@@ -240,9 +240,12 @@ class LayerReuse:
     def _capturing(self) -> Iterator[None]:
         assert self.owner is not None and self.layers is not None and self.from_layer
         last = self.layers[self.from_layer - 1]
-        target = self.layers[self.from_layer]
-        target_device = next(
-            (p.device for p in target.parameters() if p.device.type != "meta"), None
+        # Layer L's device (none past the last layer: the final norm reads the state in place).
+        target = self.layers[self.from_layer] if self.from_layer < len(self.layers) else None
+        target_device = (
+            next((p.device for p in target.parameters() if p.device.type != "meta"), None)
+            if target is not None
+            else None
         )
 
         def before(_module: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
