@@ -80,3 +80,17 @@ def test_perturb_reuses_layers_with_the_numbers_of_full_evaluations(
         nll = [r[3] for r in rows_on if r[0] == cond and r[2] == "nll"]
         assert nll and nll[0] != base[("perplexity", "nll")]
     assert items(reused) == items(full) and len(items(reused)) == 5 * 24
+
+
+def test_a_bad_reuse_budget_is_refused_before_anything_is_registered(
+    cli, tiny_world, store_path
+) -> None:
+    score = _ok(cli("--json", "score", "--model", str(tiny_world["model"]), "--data",
+                    str(tiny_world["text"]), "--n-samples", "4", "--seq-len", "16"))  # fmt: skip
+    rank_id = _ok(cli("--json", "rank", score["runs"][0]["run_id"], "-k", "50"))["runs"][0]
+    before = store_rows(store_path, "SELECT run_id FROM runs ORDER BY run_id")
+    for budget in ("0", "-1", "nan"):
+        result = cli("perturb", rank_id["run_id"], "--layer-reuse-budget", budget)
+        assert result.exit_code != 0
+        assert "--layer-reuse-budget must be a positive number of GiB" in result.output
+    assert store_rows(store_path, "SELECT run_id FROM runs ORDER BY run_id") == before
