@@ -8,6 +8,11 @@ otherwise). The model the scores were computed on is loaded **before** the run i
 (to check the options against its architecture) and its fingerprint must match the score run's.
 A ``--topk`` beyond the largest group in scope is refused; ``--topk all`` ranks every weight
 in scope and warns how many rows that writes.
+
+``--topk N%`` stores the exact selection compactly (:mod:`cwa.ranking_store`); ``--per
+tensor|row`` compares within each tensor or each output row (:mod:`cwa.ranking_groups`; output
+axes and bad combinations are checked against the loaded model before the run is registered),
+and ``ranked_weights`` then holds the best selected weights of each tensor (group = tensor).
 """
 
 from __future__ import annotations
