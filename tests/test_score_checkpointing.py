@@ -209,3 +209,25 @@ def test_cli_records_the_option_and_refuses_bad_use(cli, tiny_world, store) -> N
     config = json.loads(run[1])
     assert config["activation_checkpointing"] is True
     assert config["metric_config"]["activation_checkpointing"] is True
+
+
+def test_under_accelerate_hooks_equal_plain_and_hooks_survive(tmp_path) -> None:
+    """Blocks wrapped by accelerate's device-aligning hooks (as a device map does; one device,
+    hooks forced): checkpointing wraps their hooked forward and gives it back afterwards."""
+    from accelerate import dispatch_model
+
+    plain = _llama()
+    hooked = _llama()
+    names = ["model.embed_tokens", "model.layers.0", "model.layers.1", "model.norm",
+             "model.rotary_emb", "lm_head"]  # fmt: skip
+    dispatch_model(hooked, device_map=dict.fromkeys(names, "cpu"), main_device="cpu",
+                   force_hooks=True)  # fmt: skip
+    blocks = decoder_blocks(hooked)
+    hooked_forwards = [block.__dict__["forward"] for block in blocks]
+    assert all(hasattr(block, "_hf_hook") for block in blocks)
+    _, a = _score(plain, "hutchinson_diag", tmp_path / "a", checkpointing=False, probes=2)
+    _, b = _score(hooked, "hutchinson_diag", tmp_path / "b", checkpointing=True, probes=2)
+    assert a.keys() == b.keys() and a
+    for name in a:
+        torch.testing.assert_close(b[name], a[name], rtol=1e-5, atol=1e-7)
+    assert [block.__dict__["forward"] for block in blocks] == hooked_forwards
