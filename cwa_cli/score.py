@@ -80,8 +80,9 @@ def score_cmd(
         bool,
         typer.Option(
             "--activation-checkpointing",
-            help="Recompute decoder-block activations during backward (gradient and Hessian "
-            "metrics): same scores, less activation memory, more compute.",
+            help="Recompute decoder-block activations during backward: same scores, more "
+            "compute; lowers peak memory for gradient metrics, hardly for the Hessian ones "
+            "(hutchinson_diag, obd: use a smaller --batch-size).",
         ),
     ] = False,
     list_metrics: ListOpt = False,
