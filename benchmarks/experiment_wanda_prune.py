@@ -22,7 +22,8 @@ the Vim user manual (``/usr/share/vim/vim90/doc/usr_*.txt``): files 01-19 for ca
 20-29 held out.
 
     python benchmarks/experiment_wanda_prune.py [--model PATH|toy] [--fraction 50%]
-        [--calibration FILE --heldout FILE] [--store DIR] [--groups row,tensor,global]
+        [--calibration FILE --heldout FILE] [--store DIR] [--runs wanda:row,magnitude:tensor]
+        [--table-only]
 """
 
 from __future__ import annotations
@@ -79,6 +80,15 @@ def _sql(store: Path, query: str) -> list[dict]:
         con.close()
 
 
+def _done(store: Path, stage: str) -> list[tuple[str, dict]]:
+    """Succeeded runs of ``stage`` in the store (id, config), oldest first."""
+    if not (store / "cwa.duckdb").is_file():
+        return []
+    rows = _sql(store, f"SELECT run_id, config FROM runs WHERE stage = '{stage}' AND status = "
+                       "'succeeded' ORDER BY run_id")  # fmt: skip
+    return [(r["run_id"], json.loads(r["config"])) for r in rows]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default=str(SMOLLM) if SMOLLM.is_file() else "toy")
@@ -87,42 +97,63 @@ def main() -> None:
     parser.add_argument("--seq-len", type=int, default=128)
     parser.add_argument("--calibration", help="calibration text file (default: Vim manual 01-19)")
     parser.add_argument("--heldout", help="held-out text file (default: Vim manual 20-29)")
-    parser.add_argument("--store", help="store folder (default: a temporary one)")
-    parser.add_argument("--metrics", default="wanda,magnitude")
-    parser.add_argument("--groups", default="row,tensor,global")
+    parser.add_argument("--store", help="store folder (default: a temporary one); runs already "
+                        "in it (same metric, group) are reused, so an interrupted run resumes")
+    parser.add_argument("--runs", default="wanda:row,magnitude:tensor,wanda:tensor,"
+                        "wanda:global,magnitude:global,magnitude:row",
+                        help="METRIC:GROUP pairs, in order")  # fmt: skip
+    parser.add_argument("--table-only", action="store_true", help="print the store's table")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         store = Path(args.store) if args.store else Path(tmp) / "store"
-        calibration = Path(args.calibration or Path(tmp) / "calibration.txt")
-        heldout = Path(args.heldout or Path(tmp) / "heldout.txt")
-        if not args.calibration:
-            calibration.write_text(_texts(1, 19))
-        if not args.heldout:
-            heldout.write_text(_texts(20, 29))
-        model = ["--model", args.model, "--dtype", "float32", "--device", "cpu"]
-        runs = []
-        for metric in args.metrics.split(","):
-            score = _cwa(store, "score", *model, "--metric", metric, "--data", str(calibration),
-                         "--components", LINEAR, "--n-samples", str(args.n_samples),
-                         "--seq-len", str(args.seq_len), "--batch-size", "8")  # fmt: skip
-            for per in args.groups.split(","):
-                rank = _cwa(store, "rank", score, "--topk", args.fraction, "--bottom",
-                            "--per", per, "--show", "0")  # fmt: skip
-                controls = "random_k" if (metric, per) == ("wanda", "row") else ""
-                perturb = _cwa(store, "perturb", rank, "--method", "zero", "--controls",
-                               controls, "--eval", f"perplexity:{heldout}", "--device", "cpu",
-                               "--batch-size", "8", "--no-items")  # fmt: skip
-                runs.append((metric, per, perturb))
-        _table(store, runs, args)
+        if not args.table_only:
+            _experiment(store, Path(tmp), args)
+        _table(store, args)
 
 
-def _table(store: Path, runs: list[tuple[str, str, str]], args: argparse.Namespace) -> None:
-    print(f"model {args.model}; {args.fraction} of the linear weights zeroed (--bottom), "
-          f"calibration {args.n_samples}x{args.seq_len} tokens; held-out perplexity")  # fmt: skip
-    print(f"{'metric':11}{'compared':10}{'selection':11}{'zeroed':>13}{'perplexity':>13}"
-          f"{'ratio':>9}")  # fmt: skip
+def _experiment(store: Path, tmp: Path, args: argparse.Namespace) -> None:
+    calibration = Path(args.calibration or tmp / "calibration.txt")
+    heldout = Path(args.heldout or tmp / "heldout.txt")
+    if not args.calibration:
+        calibration.write_text(_texts(1, 19))
+    if not args.heldout:
+        heldout.write_text(_texts(20, 29))
+    model = ["--model", args.model, "--dtype", "float32", "--device", "cpu"]
+    scores = {c["metric"]: run_id for run_id, c in _done(store, "score")}
+    for pair in args.runs.split(","):
+        metric, per = pair.split(":")
+        perturbed = {c["rank_run"] for _, c in _done(store, "perturb")}
+        done = [run_id for run_id, c in _done(store, "rank")
+                if c["score_run"] == scores.get(metric) and c.get("per", "global") == per
+                and c["topk_requested"] == args.fraction and run_id in perturbed]  # fmt: skip
+        if done:
+            continue
+        if metric not in scores:
+            scores[metric] = _cwa(
+                store, "score", *model, "--metric", metric, "--data", str(calibration),
+                "--components", LINEAR, "--n-samples", str(args.n_samples),
+                "--seq-len", str(args.seq_len), "--batch-size", "8",
+            )  # fmt: skip
+        rank = _cwa(store, "rank", scores[metric], "--topk", args.fraction, "--bottom",
+                    "--per", per, "--show", "0")  # fmt: skip
+        controls = "random_k" if (metric, per) == ("wanda", "row") else ""
+        _cwa(store, "perturb", rank, "--method", "zero", "--controls", controls,
+             "--eval", f"perplexity:{heldout}", "--device", "cpu", "--batch-size", "8",
+             "--no-items")  # fmt: skip
+
+
+def _table(store: Path, args: argparse.Namespace) -> None:
+    """One row per perturbed selection of every succeeded perturb run in the store."""
+    ranks = dict(_done(store, "rank"))
+    metrics = {run_id: c["metric"] for run_id, c in _done(store, "score")}
+    print(f"{args.fraction} of the linear weights zeroed (least important: rank --bottom); "
+          "held-out perplexity")  # fmt: skip
+    print(f"{'metric':11}{'compared':10}{'selection':11}{'zeroed':>13}{'perplexity':>14}"
+          f"{'ratio':>11}")  # fmt: skip
     base_printed = False
-    for metric, per, run_id in runs:
+    for run_id, config in _done(store, "perturb"):
+        rank = ranks[config["rank_run"]]
+        metric, per = metrics[rank["score_run"]], rank.get("per", "global")
         rows = _sql(store, f"""
             SELECT e.condition_id, e.value, c.selection, c.k, c.restored
             FROM evaluations e LEFT JOIN perturbation_conditions c
@@ -131,16 +162,14 @@ def _table(store: Path, runs: list[tuple[str, str, str]], args: argparse.Namespa
             ORDER BY e.condition_id NULLS FIRST""")  # fmt: skip
         base = next(r["value"] for r in rows if r["condition_id"] is None)
         if not base_printed:
-            print(f"{'unpruned':32}{'':>13}{base:>13.3f}{1.0:>9.2f}")
+            print(f"{'unpruned':32}{'':>13}{base:>14.6g}{1.0:>11.4g}")
             base_printed = True
         for r in rows:
             if r["condition_id"] is None:
                 continue
             assert r["restored"], f"{r['condition_id']} was not restored"
-            print(f"{metric:11}{per:10}{r['selection']:11}{r['k']:>13,d}{r['value']:>13.3f}"
-                  f"{r['value'] / base:>9.2f}")  # fmt: skip
-    config = _sql(store, f"SELECT config FROM runs WHERE run_id = '{runs[0][2]}'")[0]["config"]
-    print(f"held-out evaluation config: {json.dumps(json.loads(config).get('tasks'))[:300]}")
+            print(f"{metric:11}{per:10}{r['selection']:11}{r['k']:>13,d}{r['value']:>14.6g}"
+                  f"{r['value'] / base:>11.4g}")  # fmt: skip
 
 
 if __name__ == "__main__":
