@@ -217,9 +217,57 @@ def test_builtin_random_k_uses_rows_of_a_per_row_ranking(tmp_path) -> None:
     scope = [ScopeEntry(n, int(np.prod(s))) for n, (s, _) in TENSORS.items()]
     request = SimpleNamespace(counts={"x": 1}, treatment=treatment, scope=scope, seed=3,
                               ranking=ranking, groups={})  # fmt: skip
-    drawn = RANDOM_K.build(request)
-    assert drawn.info["matched"] == "per output row"
-    for name, (shape, axis) in TENSORS.items():
-        have = np.zeros(shape, dtype=np.int64)
-        have.reshape(-1)[drawn[name].numpy()] = 1
-        assert (have.sum(axis=1 - axis) == _half_up(shape[1 - axis], Fraction(40))).all()
+    from cwa.perturbation.builtin_selections import BOTTOM_K
+    from cwa.scorefile import load_scores
+
+    all_scores = load_scores(path)
+    request.key = "value"
+    request.scores = lambda entries: ((e.name, all_scores[e.name]) for e in entries)
+    for spec in (RANDOM_K, BOTTOM_K):
+        drawn = spec.build(request)
+        assert drawn.info["matched"] == "per output row"
+        for name, (shape, axis) in TENSORS.items():
+            have = np.zeros(shape, dtype=np.int64)
+            have.reshape(-1)[drawn[name].numpy()] = 1
+            assert (have.sum(axis=1 - axis) == _half_up(shape[1 - axis], Fraction(40))).all()
+
+
+@pytest.mark.parametrize("key", ["abs", "value"])
+def test_bottom_k_by_row_equals_brute_force(key) -> None:
+    """Per output row: the count of least sensitive scored weights by (zero last, key, column)."""
+    from cwa.perturbation.bottom import bottom_k_by_row
+    from cwa.perturbation.scope import ScopeEntry
+
+    rng = np.random.default_rng(4)
+    shapes = {"lin": ((10, 16), 0), "conv": ((16, 7), 1)}
+    scores, treatment = {}, {}
+    for name, (shape, _) in shapes.items():
+        values = np.round(rng.normal(size=shape), 1).astype(np.float32)  # ties
+        values.reshape(-1)[rng.random(values.size) < 0.25] = 0.0  # zero scores
+        values.reshape(-1)[:16] = 0.0  # a row (lin) / the first input's outputs (conv): zeros
+        values.reshape(-1)[rng.random(values.size) < 0.05] = np.nan
+        scores[name] = values
+        valid = np.flatnonzero(~np.isnan(values.reshape(-1)))
+        treatment[name] = torch.from_numpy(np.sort(rng.choice(valid, valid.size // 3, False)))
+    scope = [ScopeEntry(n, int(np.prod(s))) for n, (s, _) in shapes.items()]
+
+    def reader(entries):
+        return ((e.name, torch.from_numpy(scores[e.name])) for e in entries)
+
+    got = bottom_k_by_row(reader, treatment, scope, shapes, key=key)
+    for name, (shape, axis) in shapes.items():
+        flat = np.arange(int(np.prod(shape))).reshape(shape)
+        want_counts = np.zeros(shape, dtype=np.int64)
+        want_counts.reshape(-1)[treatment[name].numpy()] = 1
+        values = scores[name]
+        expected = set()
+        rows = zip(values if axis == 0 else values.T, flat if axis == 0 else flat.T,
+                   want_counts.sum(axis=1 - axis), strict=True)  # fmt: skip
+        for vals, idx, count in rows:
+            v = vals.astype(np.float64)
+            ok = ~np.isnan(v)
+            k = np.abs(v[ok]) if key == "abs" else v[ok]
+            order = np.lexsort((idx[ok], k, v[ok] == 0))  # zeros last, then key, then column
+            expected.update(int(i) for i in idx[ok][order[:count]])
+        assert set(got[name].tolist()) == expected, name
+    assert got.info["zero_filled"] > 0  # the all-zero row had to be filled from zeros

@@ -5,7 +5,8 @@ Per tensor, ``kthvalue`` finds the candidates; a running merge keeps the k small
 ranking key: ``|score|`` (``key="abs"``, the default of signed metrics) or the raw score
 (``key="value"``). Exact-zero scores are excluded by default (no evidence of insensitivity; see
 :mod:`cwa.perturbation.selection`). :func:`bottom_k_by_group` is the matched control of a
-per-group ranking: every group's count, from that group's elements, reading each tensor once.
+per-group ranking: every group's count, from that group's elements, reading each tensor once;
+:func:`bottom_k_by_row` that of a ``cwa rank --per row`` ranking (each output row's count).
 """
 
 from __future__ import annotations
@@ -253,3 +254,66 @@ def _bottom_of_groups(
         parts.append(merge.held())
         parts.append(fill.held(need))
         zero_filled[label] = need
+
+
+def bottom_k_by_row(
+    scores: Callable[[Sequence[ScopeEntry]], Iterable[tuple[str, torch.Tensor]]],
+    treatment: Mapping[str, torch.Tensor],
+    scope: Sequence[ScopeEntry],
+    rows: Mapping[str, tuple[Sequence[int], int]],
+    *,
+    key: Literal["abs", "value"] = "abs",
+) -> Selection:
+    """The ``bottom_k`` control of a ``--per row`` ranking: in every output row, the treatment's
+    count of that row's least sensitive in-scope weights by the ranking key.
+
+    ``rows``: tensor name -> (shape, output axis), as for
+    :func:`~cwa.perturbation.selection.random_k_by_row`. As in :func:`bottom_k`, exact-zero
+    scores come last: a row with too few non-zero scores fills its count with zero-score weights
+    in column order; ties go to the lower column; NaN (not scored) is never drawn.
+    """
+    import numpy as np
+
+    from cwa import ranking_store
+    from cwa.ranking_groups import group_ids, select_rows
+
+    key = _check_key(key, False)
+    entries = {e.name: e for e in check_scope(scope) if e.name in treatment}
+    parts: dict[str, torch.Tensor] = {}
+    n_zero_filled = 0
+    for name, score in scores(list(entries.values())):
+        if name not in entries:
+            continue
+        shape, axis = tuple(int(d) for d in rows[name][0]), int(rows[name][1])
+        values = score.detach().float().cpu().numpy().reshape(shape)
+        counts = np.bincount(group_ids(treatment[name].cpu().numpy(), shape, axis),
+                             minlength=shape[axis])  # fmt: skip
+        mask = entries[name].mask
+        eligible = None if mask is None else mask.numpy().reshape(shape)
+        view = values if axis == 0 else values.T
+        eligible_view = None if eligible is None else (eligible if axis == 0 else eligible.T)
+        chosen = np.zeros(shape, dtype=bool)
+        chosen_view = chosen if axis == 0 else chosen.T
+        step = max(1, ranking_store.SLICE // max(1, view.shape[1]))
+        for start in range(0, view.shape[0], step):
+            span = slice(start, start + step)
+            piece = np.ascontiguousarray(view[span])
+            codes = ranking_store._order_bits(piece, key, True).astype(np.int64)
+            zero = piece == 0
+            codes[zero] |= np.int64(1) << 32  # zero scores after every non-zero one
+            not_candidate = np.isnan(piece)
+            if eligible_view is not None:
+                not_candidate |= ~eligible_view[span]
+            codes[not_candidate] = np.int64(1) << 33
+            if (counts[span] > (~not_candidate).sum(axis=1)).any():
+                raise InvalidInput(f"a row of {name!r} has fewer scored weights than drawn")
+            picked = select_rows(codes, counts[span])
+            n_zero_filled += int((picked & zero).sum())
+            chosen_view[span] = picked
+        parts[name] = torch.from_numpy(np.flatnonzero(chosen.reshape(-1)))
+    missing = [name for name in treatment if name not in parts]
+    if missing:
+        raise InvalidInput(f"no scores for {missing[0]!r}; score the tensors the ranking covers")
+    info = {"key": key, "zeros": "exclude", "matched": "per output row",
+            "zero_filled": n_zero_filled}  # fmt: skip
+    return Selection(parts, kind="bottom_k", info=info)

@@ -52,6 +52,13 @@ def _random_k(request: SelectionRequest) -> Selection:
 
 def _bottom_k(request: SelectionRequest) -> Selection:
     assert request.counts is not None
+    rows = getattr(request.ranking, "row_layout", None)
+    if rows:  # a --per row ranking: each output row's count of its least sensitive weights
+        from cwa.perturbation.bottom import bottom_k_by_row
+
+        return bottom_k_by_row(
+            request.scores, request.treatment, request.scope, rows, key=request.key
+        )
     # The reader form: groups are worked through a few tensors at a time (bounded memory).
     return bottom_k_by_group(request.scores, request.groups, request.counts, key=request.key)
 
@@ -69,13 +76,15 @@ TOP_K = SelectionSpec(
 )
 RANDOM_K = SelectionSpec(
     "random_k",
-    "per group of the rank mode, the treatment's count drawn uniformly from the group, seeded",
+    "per group of the rank mode (per output row for a --per row ranking), the treatment's "
+    "count drawn uniformly from the group, seeded",
     _random_k,
     stochastic=True,
 )
 BOTTOM_K = SelectionSpec(
     "bottom_k",
-    "per group, the treatment's count of least sensitive weights by the ranking key (no zeros)",
+    "per group (per output row for a --per row ranking), the treatment's count of least "
+    "sensitive weights by the ranking key (no zeros)",
     _bottom_k,
 )
 ALL_K = SelectionSpec(
