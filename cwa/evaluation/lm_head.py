@@ -7,8 +7,9 @@ final hidden states of the positions that are actually scored are gathered, and 
 applied to them in chunks of at most :data:`CHUNK_BYTES` of float32 logits. With gradients
 on, the first-order gradients w.r.t. the hidden states and the head weight are formed chunk by
 chunk during the forward (:class:`_FusedHeadNLL`), so no logits are kept or recomputed; for
-second-order metrics (:func:`second_order`) each chunk is checkpointed instead, so backward
-recomputes one chunk's logits at a time (twice differentiable).
+second-order metrics the first-order gradients are a differentiable function whose own backward
+(:class:`_HeadGradient`) recomputes one chunk's logits at a time, so a Hessian-vector product
+keeps no [positions, vocab] tensor either.
 
 Only architectures whose ``forward`` is exactly ``lm_head(backbone(x).last_hidden_state)`` take
 this path (:data:`CHUNKED_MODEL_TYPES`); anything else (logit soft-capping, logit scaling,
@@ -75,12 +76,47 @@ _SECOND_ORDER = [0]  # > 0 while a caller needs twice-differentiable NLL (Hessia
 
 @contextmanager
 def second_order() -> Iterator[None]:
-    """Inside: the head is checkpointed (twice differentiable), never fused."""
+    """Inside: the head's forward skips the first-order gradients (a Hessian metric's backward
+    builds them as a differentiable function anyway)."""
     _SECOND_ORDER[0] += 1
     try:
         yield
     finally:
         _SECOND_ORDER[0] -= 1
+
+
+def _logits_buffer(hidden: torch.Tensor, weight: torch.Tensor, rows: int) -> torch.Tensor | None:
+    """One float32 logits buffer for every chunk of a pass (None: mixed/half dtypes).
+
+    A fresh 64 MB tensor per chunk would be mapped and zero-filled by the kernel each time
+    (~10% of the head's time on one core)."""
+    if weight.dtype == torch.float32 and hidden.dtype == torch.float32:
+        n = int(hidden.shape[0])
+        return torch.empty(min(rows, n), weight.shape[0], device=hidden.device)
+    return None
+
+
+def _chunk_logits(
+    h: torch.Tensor, weight: torch.Tensor, buffer: torch.Tensor | None
+) -> torch.Tensor:
+    if buffer is not None:
+        return torch.mm(h, weight.t(), out=buffer[: h.shape[0]])
+    return (h @ weight.t()).float()
+
+
+def _softmax_(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(softmax in the logits' own memory, row max, row sum of exp(logit - max)).
+
+    One exp pass: torch's logsumexp would make a second, separate one over the chunk."""
+    peak = logits.amax(dim=1)
+    probs = logits.sub_(peak[:, None]).exp_()
+    total = probs.sum(dim=1)
+    probs.mul_(total.reciprocal()[:, None])
+    return probs, peak, total
+
+
+def _rows_of(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    return torch.arange(t.shape[0], device=device)
 
 
 class _FusedHeadNLL(torch.autograd.Function):
@@ -89,42 +125,34 @@ class _FusedHeadNLL(torch.autograd.Function):
     Per chunk: logits, log-sum-exp, NLL, and (softmax - onehot) turned at once into the
     gradients w.r.t. the hidden states and the head weight (float32 sum); the logits are then
     freed. Backward scales them by the upstream gradient, which callers make uniform (a sum
-    of NLL over tokens divided by a count); a non-uniform upstream gradient, or a backward
-    that builds a graph, recomputes the chunks with differentiable ops instead.
+    of NLL over tokens divided by a count). A non-uniform upstream gradient, a backward that
+    builds a graph (Hessian metrics), or ``eager=False`` (inside :func:`second_order`, where
+    the forward skips the gradients) go through :class:`_HeadGradient` instead.
     """
 
     @staticmethod
     def forward(ctx: Any, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
-                rows: int) -> torch.Tensor:  # fmt: skip
-        need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+                rows: int, eager: bool) -> torch.Tensor:  # fmt: skip
+        need_h = eager and ctx.needs_input_grad[0]
+        need_w = eager and ctx.needs_input_grad[1]
         n = int(hidden.shape[0])
         nll = torch.empty(n, dtype=torch.float32, device=hidden.device)
         grad_h = torch.empty_like(hidden) if need_h else None
         grad_w = None
         if need_w:  # float32 sum over chunks, whatever the weight dtype
             grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
-        # One logits buffer for every chunk: a fresh 64 MB tensor per chunk would be mapped
-        # and zero-filled by the kernel each time (~10% of the head's time on one core).
-        buffer = None
-        if weight.dtype == torch.float32 and hidden.dtype == torch.float32:
-            buffer = torch.empty(min(rows, n), weight.shape[0], device=hidden.device)
+        buffer = _logits_buffer(hidden, weight, rows)
         for start in range(0, n, rows):
             stop = min(start + rows, n)
             h, y = hidden[start:stop], targets[start:stop]
-            if buffer is not None:
-                logits = torch.mm(h, weight.t(), out=buffer[: stop - start])
-            else:
-                logits = (h @ weight.t()).float()
+            logits = _chunk_logits(h, weight, buffer)
             picked = logits.gather(1, y[:, None])[:, 0]
-            # log-sum-exp and softmax from one exp pass in the logits' own memory (torch's
-            # logsumexp would make a second, separate exp pass over the chunk).
-            peak = logits.amax(dim=1)
-            probs = logits.sub_(peak[:, None]).exp_()
-            total = probs.sum(dim=1)
+            probs, peak, total = _softmax_(logits)
             nll[start:stop] = total.log().add_(peak).sub_(picked)
+            if not (need_h or need_w):
+                continue
             # d nll / d logits = softmax - onehot.
-            probs.mul_(total.reciprocal_()[:, None])
-            probs[torch.arange(stop - start, device=probs.device), y] -= 1.0
+            probs[_rows_of(probs, probs.device), y] -= 1.0
             if grad_h is not None:
                 if probs.dtype == weight.dtype:
                     torch.mm(probs, weight, out=grad_h[start:stop])
@@ -136,41 +164,112 @@ class _FusedHeadNLL(torch.autograd.Function):
         del buffer
         ctx.rows = rows
         ctx.save_for_backward(hidden, weight, targets)
-        ctx.fused = (grad_h, grad_w)
+        ctx.fused = (grad_h, grad_w) if eager else None
         return nll
 
     @staticmethod
     def backward(ctx: Any, grad_nll: torch.Tensor) -> tuple[Any, ...]:
         hidden, weight, targets = ctx.saved_tensors
-        grad_h, grad_w = ctx.fused
-        ctx.fused = (None, None)
+        fused, ctx.fused = ctx.fused, None
+        need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         uniform = grad_nll.numel() == 0 or bool((grad_nll == grad_nll[0]).all())
-        if uniform and not torch.is_grad_enabled():
+        if fused is not None and uniform and not torch.is_grad_enabled():
+            grad_h, grad_w = fused
             scale = grad_nll[0] if grad_nll.numel() else 0.0
             gh = None if grad_h is None else grad_h.mul_(scale)
             gw = None if grad_w is None else grad_w.mul_(scale).to(weight.dtype)
-            return gh, gw, None, None
-        # Recompute (rare: see the class docstring) with the explicit gradient formula, in
-        # differentiable ops when a graph is being built. No autograd.grad here: with a tied
-        # head weight it would also follow the hidden states back into the embedding.
-        need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        parts_h = []
-        gw = None
-        if need_w:
-            gw = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
-        for s in range(0, int(hidden.shape[0]), ctx.rows):
-            h, y = hidden[s : s + ctx.rows], targets[s : s + ctx.rows]
-            probs = torch.softmax((h @ weight.t()).float(), dim=-1)
-            onehot = torch.nn.functional.one_hot(y, probs.shape[-1]).to(probs.dtype)
-            delta = (probs - onehot) * grad_nll[s : s + ctx.rows, None]
-            if need_h:
-                parts_h.append(delta.to(weight.dtype) @ weight)
-            if need_w:
-                gw = gw + delta.t() @ h.float()
-        gh = torch.cat(parts_h) if need_h and parts_h else None
-        if gw is not None:
-            gw = gw.to(weight.dtype)
-        return gh, gw, None, None
+            return gh, gw, None, None, None
+        del fused
+        # Explicit gradient formula, chunk by chunk, as a function that is itself
+        # differentiable (a graph is being built for a Hessian-vector product). No
+        # autograd.grad here: with a tied head weight it would also follow the hidden states
+        # back into the embedding.
+        gh, gw = _HeadGradient.apply(hidden, weight, targets, grad_nll, ctx.rows)
+        return (gh if need_h else None), (gw if need_w else None), None, None, None
+
+
+class _HeadGradient(torch.autograd.Function):
+    """(dS/dh, dS/dW) of S = sum_i c_i * nll_i for a linear head, and their own backward.
+
+    Forward: per chunk, a_i = c_i (softmax(W h_i) - onehot(y_i)); dS/dh_i = a_i W and
+    dS/dW = sum_i a_i h_i^T. Backward, given upstream U (for dS/dh) and V (for dS/dW) -- the
+    second half of a Hessian-vector product through the head -- with p_i the softmax and
+    r_i = W U_i + V h_i (one row of logits-sized numbers per position):
+
+    * d/dh_i = a_i V + D_i W and d/dW = sum_i a_i U_i^T + D_i h_i^T, where
+      D_i = c_i p_i * (r_i - p_i . r_i) is the softmax Jacobian applied to c_i r_i;
+    * d/dc_i = (p_i - onehot(y_i)) . r_i.
+
+    Every chunk's logits are recomputed and freed: no [positions, vocab] tensor is kept from
+    one pass to the next (the double backward of checkpointed chunks kept all of them in the
+    first-order graph until the last probe).
+    """
+
+    @staticmethod
+    def forward(ctx: Any, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
+                scale: torch.Tensor, rows: int) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+        n = int(hidden.shape[0])
+        grad_h = torch.empty(hidden.shape, dtype=weight.dtype, device=hidden.device)
+        grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
+        buffer = _logits_buffer(hidden, weight, rows)
+        c = scale.float()
+        for start in range(0, n, rows):
+            stop = min(start + rows, n)
+            h, y = hidden[start:stop], targets[start:stop]
+            probs, _, _ = _softmax_(_chunk_logits(h, weight, buffer))
+            probs[_rows_of(probs, probs.device), y] -= 1.0
+            delta = probs.mul_(c[start:stop, None])
+            grad_h[start:stop] = delta.to(weight.dtype) @ weight
+            grad_w.addmm_(delta.t(), h.float())
+            del probs, delta
+        ctx.rows = rows
+        ctx.save_for_backward(hidden, weight, targets, scale)
+        return grad_h, grad_w.to(weight.dtype)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx: Any, up_h: torch.Tensor | None,
+                 up_w: torch.Tensor | None) -> tuple[Any, ...]:  # fmt: skip
+        hidden, weight, targets, scale = ctx.saved_tensors
+        need_h, need_w, _, need_c, _ = ctx.needs_input_grad
+        n, rows = int(hidden.shape[0]), ctx.rows
+        w32 = weight.float()
+        up_w = None if up_w is None else up_w.float()
+        c = scale.float()
+        d_h = torch.zeros(hidden.shape, dtype=torch.float32, device=hidden.device)
+        d_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
+        d_c = torch.zeros(n, dtype=torch.float32, device=hidden.device) if need_c else None
+        buffer = _logits_buffer(hidden, weight, rows)
+        for start in range(0, n, rows):
+            stop = min(start + rows, n)
+            h, y = hidden[start:stop].float(), targets[start:stop]
+            probs, _, _ = _softmax_(_chunk_logits(hidden[start:stop], weight, buffer))
+            r = torch.zeros_like(probs)
+            if up_h is not None:
+                r.addmm_(up_h[start:stop].float(), w32.t())
+            if up_w is not None:
+                r.addmm_(h, up_w.t())
+            p_dot_r = torch.einsum("ij,ij->i", probs, r)
+            if d_c is not None:
+                d_c[start:stop] = p_dot_r - r.gather(1, y[:, None])[:, 0]
+            cs = c[start:stop, None]
+            jac = r.sub_(p_dot_r[:, None]).mul_(probs).mul_(cs)  # D, in r's memory
+            probs[_rows_of(probs, probs.device), y] -= 1.0
+            delta = probs.mul_(cs)  # a
+            d_h[start:stop] = jac @ w32
+            d_w.addmm_(jac.t(), h)
+            if up_w is not None:
+                d_h[start:stop] += delta @ up_w
+            if up_h is not None:
+                d_w.addmm_(delta.t(), up_h[start:stop].float())
+            del probs, r, jac, delta
+        return (
+            d_h.to(hidden.dtype) if need_h else None,
+            d_w.to(weight.dtype) if need_w else None,
+            None,
+            d_c.to(scale.dtype) if d_c is not None else None,
+            None,
+        )
 
 
 def chunked_nll(
@@ -183,16 +282,19 @@ def chunked_nll(
     """Float32 NLL of ``targets`` [N] given final hidden states [N, H], chunk by chunk.
 
     With gradients enabled, a bias-free head computes its first-order gradients during the
-    forward (:class:`_FusedHeadNLL`: no logits kept, none recomputed); inside
-    :func:`second_order`, or for a head with a bias, each chunk is checkpointed instead: its
-    logits are freed after the forward and recomputed during backward (twice differentiable).
+    forward (:class:`_FusedHeadNLL`: no logits kept, none recomputed); twice differentiable
+    through :class:`_HeadGradient` (chunks recomputed, never kept). A head with a bias is
+    checkpointed per chunk instead: its logits are freed after the forward and recomputed
+    during backward (twice differentiable, but a double backward keeps them).
     """
     n = int(hidden.shape[0])
     vocab = int(head.weight.shape[0])
     rows = chunk_rows(vocab, chunk_bytes)
     grad = torch.is_grad_enabled() and (hidden.requires_grad or head.weight.requires_grad)
-    if grad and not _SECOND_ORDER[0] and getattr(head, "bias", None) is None and n:
-        return _FusedHeadNLL.apply(hidden, head.weight, targets, rows)
+    if grad and getattr(head, "bias", None) is None and n:
+        # Inside second_order() the forward skips the first-order gradients: the backward
+        # builds them as a differentiable function (_HeadGradient) anyway.
+        return _FusedHeadNLL.apply(hidden, head.weight, targets, rows, not _SECOND_ORDER[0])
     pieces = []
     for start in range(0, n, rows):
         h, y = hidden[start : start + rows], targets[start : start + rows]
