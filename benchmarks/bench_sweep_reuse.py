@@ -5,7 +5,9 @@ The sweep: 8 conditions, each ``sign_flip`` of ``--k`` weights drawn by ``random
 0..7) from every parameter of the last third of the decoder layers (``--layers`` in the last
 third), evaluated on the same tasks. Per condition the loop is :func:`cwa.perturbation.sweep.
 run_sweep`'s: perturb in place (checksums against the sweep's baseline), evaluate, restore
-and verify bit-exactly. Variants, interleaved, median of ``--repeats``:
+and verify bit-exactly. Variants, interleaved, median of ``--repeats`` of the wall time and
+of the process's CPU time (``--threads 1``: the CPU time is the work, whatever else the
+machine runs):
 
 * ``independent`` -- every condition a plain full evaluation (``--no-layer-reuse``);
 * ``reuse`` -- the same conditions with :class:`cwa.evaluation.layer_reuse.LayerReuse`
@@ -109,7 +111,7 @@ def main() -> None:
 
     evaluate()  # warm-up: requests prepared (as a sweep's baseline does), kernels warm
 
-    def sweep(reuse_on: bool, shared: bool = True) -> tuple[float, list[list[dict]], dict]:
+    def sweep(reuse_on: bool, shared: bool = True) -> tuple[tuple[float, float], list, dict]:
         import cwa.evaluation.prefix_cache as prefix_cache
 
         plan = plan_reuse(model, arch, names, len(selections), enabled=reuse_on)
@@ -118,7 +120,7 @@ def main() -> None:
         if not shared:  # the plain path for every batch (measurement only)
             prefix_cache.supports_prefix_cache = lambda _model: False
         rows = []
-        start = time.perf_counter()
+        start, cpu_start = time.perf_counter(), time.process_time()
         try:
             for seed, selection in enumerate(selections):
                 extra = {n: baseline[n] for n in selection}
@@ -128,13 +130,13 @@ def main() -> None:
         finally:
             prefix_cache.supports_prefix_cache = saved
             reuse.release()
-        elapsed = time.perf_counter() - start
+        elapsed = (time.perf_counter() - start, time.process_time() - cpu_start)
         return elapsed, rows, reuse.record()
 
     variants = {"independent": (False, True), "reuse": (True, True)}
     if args.plain_variant:
         variants["reuse, plain path"] = (True, False)
-    times: dict[str, list[float]] = {v: [] for v in variants}
+    times: dict[str, list[tuple[float, float]]] = {v: [] for v in variants}
     results: dict[str, list[list[dict]]] = {}
     records: dict[str, dict] = {}
     for _ in range(args.repeats):
@@ -148,12 +150,17 @@ def main() -> None:
           f"{rec['captured_calls']} forward calls, {rec['state_bytes'] / 2**20:.1f} MiB of "
           f"states; {rec['conditions_replayed']} conditions replayed, "
           f"{rec['fallback_calls']} fallbacks")  # fmt: skip
-    base = statistics.median(times["independent"])
-    print(f"\n{'variant':<20} {'median s':>9} {'runs':>24} {'ratio':>7}")
-    for label, values in times.items():
-        med = statistics.median(values)
-        runs = ", ".join(f"{v:.2f}" for v in values)
-        print(f"{label:<20} {med:9.2f} {runs:>24} {med / base:7.3f}")
+    # Wall time, and the process's CPU time: on a shared machine other processes stretch the
+    # wall time of whichever variant they overlap; with one thread the CPU time is the work.
+    for k, what in ((0, "wall"), (1, "CPU")):
+        base = statistics.median(t[k] for t in times["independent"])
+        print(f"\n{'variant':<20} {'median ' + what + ' s':>14} {'runs':>26} {'ratio':>7}")
+        for label, values in times.items():
+            med = statistics.median(t[k] for t in values)
+            runs = ", ".join(f"{t[k]:.2f}" for t in values)
+            print(f"{label:<20} {med:14.2f} {runs:>26} {med / base:7.3f}")
+    pairs = [r[0] / i[0] for r, i in zip(times["reuse"], times["independent"], strict=True)]
+    print(f"per-repeat wall ratios reuse/independent: {', '.join(f'{x:.3f}' for x in pairs)}")
 
     def numbers(rows: list[list[dict]]) -> list[tuple]:
         return [(i, r["task"], r["metric"], r["value"]) for i, c in enumerate(rows) for r in c]
