@@ -17,8 +17,10 @@ printed side by side (targets: memory ratio <= 0.6, throughput ratio >= 1), with
 throughput ratio of every round.
 
 ``--checkpointing`` adds, side by side, ``grad_x_weight`` and ``hutchinson_diag`` (``--probes``
-probes on ``--hessian-batch`` sequences) with and without ``--activation-checkpointing``:
-peak memory, CPU time and whether the loss is identical.
+probes on ``--hessian-batch`` sequences) with and without ``--activation-checkpointing``, and
+``hutchinson_diag`` through the head's previous second-order path (each chunk of positions
+checkpointed) vs today's differentiable fused head: peak memory, CPU time and whether the loss
+is identical.
 
     python benchmarks/bench_score_memory.py [--vocab 32000] [--batch 16] [--seq 256]
         [--repeats 3] [--checkpointing]
@@ -37,7 +39,28 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-VARIANTS = ("bare", "cwa", "cwa-ckpt", "hutchinson", "hutchinson-ckpt")
+VARIANTS = ("bare", "cwa", "cwa-ckpt", "hutchinson-chunks", "hutchinson", "hutchinson-ckpt")
+
+
+def _use_checkpointed_chunks() -> None:
+    """The head's previous second-order path, for a side-by-side row: every chunk of positions
+    under torch.utils.checkpoint, so a double backward keeps each chunk's logits in the
+    first-order graph (today that path serves only heads with a bias)."""
+    import torch
+    from torch.utils.checkpoint import checkpoint
+
+    import cwa.evaluation.lm_head as lm_head
+
+    def chunked_nll(head, hidden, targets, *, chunk_bytes=None):  # noqa: ANN001, ANN202
+        rows = lm_head.chunk_rows(int(head.weight.shape[0]), chunk_bytes)
+        pieces = [
+            checkpoint(lm_head._nll_of_chunk, head, hidden[s : s + rows], targets[s : s + rows],
+                       use_reentrant=False)
+            for s in range(0, int(hidden.shape[0]), rows)
+        ]  # fmt: skip
+        return torch.cat(pieces)
+
+    lm_head.chunked_nll = chunked_nll
 
 
 def _rss_bytes() -> int:
@@ -91,6 +114,8 @@ def worker(args: argparse.Namespace) -> None:
         metric = "hutchinson_diag" if hessian else "grad_x_weight"
         extra = {"probes": args.probes} if hessian else {}
         checkpointing = args.variant.endswith("-ckpt")
+        if args.variant == "hutchinson-chunks":
+            _use_checkpointed_chunks()
 
         def run() -> float:
             outcome = score_model(
@@ -190,9 +215,12 @@ def main() -> None:
     )
     print(f"{'':24}{'peak off':>10}{'peak on':>10}{'ratio':>8}{'CPU s off':>11}{'CPU s on':>10}"
           f"{'ratio':>8}{'loss equal':>12}")  # fmt: skip
+    print("(last row: 'off' = checkpointed head chunks, the previous second-order path; 'on' =")
+    print(" the differentiable fused head; both without activation checkpointing)")
     for label, off, on in (
         ("grad_x_weight", "cwa", "cwa-ckpt"),
         ("hutchinson_diag", "hutchinson", "hutchinson-ckpt"),
+        ("hutchinson, head", "hutchinson-chunks", "hutchinson"),
     ):
         a, b = med[off], med[on]
         same = runs[off][0]["loss"] == runs[on][0]["loss"]
