@@ -35,11 +35,14 @@ import json
 from collections.abc import Iterator, Mapping, Sequence
 from fractions import Fraction
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from cwa.errors import InvalidInput
+
+if TYPE_CHECKING:
+    from cwa.ranking_store import SelectionSummary
 
 PER_CHOICES: tuple[str, ...] = ("global", "tensor", "row")
 _NAN = np.uint32(0xFFFFFFFF)
@@ -226,14 +229,14 @@ def select_grouped(
     bottom: bool = False,
     names: Sequence[str] | None = None,
     axes: Mapping[str, int] | None = None,
-) -> Any:
+) -> SelectionSummary:
     """Write the top (bottom) ``k`` = N% of each group (``per`` tensor or row) to ``out_path``.
 
     Same artifact format as :func:`cwa.ranking_store.select_k`, plus ``per``, per-tensor
     ``row_axis`` and ``group_sizes`` (``[[n_valid, n_groups], ...]``) in the header. ``axes``
     (from :func:`row_axes`) is required for ``per="row"``.
     """
-    from cwa.ranking_store import FORMAT, SelectionSummary, _encode, _tensors
+    from cwa.ranking_store import FORMAT, _encode, _tensors
 
     if per not in ("tensor", "row"):
         raise InvalidInput(f"per={per!r}: a grouped selection is per 'tensor' or 'row'")
@@ -249,6 +252,8 @@ def select_grouped(
         missing = [n for n in names if axes is None or n not in axes]
         if missing:
             raise InvalidInput(f"no output axis for {missing[0]!r}; pass axes=row_axes(model, ...)")
+    from cwa.ranking_store import SelectionSummary
+
     summary = SelectionSummary(0, 0, None, bottom, by)
     sizes: dict[int, int] = {}
     entries: list[dict[str, Any]] = []
@@ -286,7 +291,7 @@ def select_grouped(
             "per": per, "percent": str(percent), "n_candidates": summary.n_candidates,
             "group_sizes": group_sizes, "tensors": entries}  # fmt: skip
     Path(f"{out_path}.json").write_text(json.dumps(head))
-    summary.per, summary.group_sizes = per, group_sizes  # type: ignore[attr-defined]
+    summary.per, summary.group_sizes = per, group_sizes
     return summary
 
 

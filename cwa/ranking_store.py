@@ -52,6 +52,8 @@ class SelectionSummary:
     by: str
     counts: dict[str, int] = field(default_factory=dict)
     bytes_written: int = 0
+    per: str = "global"  # comparison group (cwa.ranking_groups: tensor, row)
+    group_sizes: list[list[int]] = field(default_factory=list)  # [[n_valid, n_groups], ...]
 
 
 def parse_k(text: str | int, n_candidates: int) -> int:
