@@ -215,8 +215,6 @@ def main() -> None:
     )
     print(f"{'':24}{'peak off':>10}{'peak on':>10}{'ratio':>8}{'CPU s off':>11}{'CPU s on':>10}"
           f"{'ratio':>8}{'loss equal':>12}")  # fmt: skip
-    print("(last row: 'off' = checkpointed head chunks, the previous second-order path; 'on' =")
-    print(" the differentiable fused head; both without activation checkpointing)")
     for label, off, on in (
         ("grad_x_weight", "cwa", "cwa-ckpt"),
         ("hutchinson_diag", "hutchinson", "hutchinson-ckpt"),
@@ -229,6 +227,9 @@ def main() -> None:
             f"{b['peak'] / a['peak']:>8.2f}{a['seconds']:>11.2f}{b['seconds']:>10.2f}"
             f"{b['seconds'] / a['seconds']:>8.2f}{str(same):>12}"
         )
+
+    print("(last row: 'off' = checkpointed head chunks, the previous second-order path; 'on' =")
+    print(" the differentiable fused head; both without activation checkpointing)")
 
 
 if __name__ == "__main__":
