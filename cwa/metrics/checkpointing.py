@@ -10,12 +10,12 @@ this, and against exact Hessian diagonals).
 
 What it saves depends on the metric (``benchmarks/bench_score_memory.py --checkpointing``
 measures both side by side). A first-order backward frees each recomputed block once its
-gradients are formed: peak memory 0.53-0.65x for +12-22% CPU time on the benchmark's Llama
+gradients are formed: peak memory 0.52-0.65x for +7-26% CPU time on the benchmark's Llama
 models. A double backward keeps the first-order graph until the last probe's second backward,
 and that graph holds tensors of the size of the activations (attention probabilities, gradients
 of every intermediate) for every block at once; each probe's second backward also recomputes
 the blocks again. Measured: the Hessian metrics' peak memory is about unchanged (1.00-1.02x) for
-+2-8% CPU time, so for them the working memory knob is the calibration ``--batch-size`` (batch
++2-18% CPU time, so for them the working memory knob is the calibration ``--batch-size`` (batch
 losses are weighted exactly, so smaller batches give the same scores up to float rounding).
 
 Blocks are wrapped by giving each block module an instance ``forward`` that calls the original
