@@ -4,9 +4,14 @@ Both tools evaluate HellaSwag (acc, acc_norm) and LAMBADA (acc, perplexity) on t
 ``--n-items`` records of the same jsonl files (written to a temporary folder, so both see exactly
 the same items), with the same batch size, on the CPU in float32. Each tool runs once untimed
 (warm caches: cwa's store, the harness's dataset cache, the OS file cache; ``--warmup``), then
-``--repeats`` times timed; cwa runs as it does by default (runs mirrored to MLflow) and with
-``--no-mlflow`` (``cwa-nomlf``); per run the whole process's wall time and peak RSS
-(``os.wait4``) are taken, and the medians are printed side by side with the metrics.
+``--repeats`` times timed; cwa runs as it does by default (runs mirrored to MLflow by a
+detached process, :mod:`cwa.mlflow_background`), with ``--no-mlflow`` (``cwa-nomlf``) and, with
+``--inline``, mirroring before it returns (``cwa-inline``). Per run the whole process's wall
+time, peak RSS and CPU time (``os.wait4``) are taken; for the default cwa the script then waits
+for the detached mirror (so it steals no CPU from the next run) and reports when it had
+finished, its peak RSS and CPU time (sampled from ``/proc``). Medians are printed side by side
+with the metrics, with ratios by wall time (the target) and by CPU time (steadier on a shared
+machine).
 
 lm-evaluation-harness is installed in its own virtual environment (``--venv``, created if
 missing): ``python -m venv DIR``, then ``DIR/bin/pip install torch==<this torch>`` FIRST (the same
