@@ -29,6 +29,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from cwa.errors import InvalidInput
+from cwa.pids import pid_alive
 from cwa.progress import NULL_REPORTER, NullReporter, Reporter
 from cwa.store.store import Store
 
@@ -159,24 +160,10 @@ def wait_idle(store: Store, timeout: float = 600.0, poll: float = 0.05) -> bool:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         pids = [worker_pid(store, r) for r in pending_runs(store)]
-        if not any(pid is not None and _alive(pid) for pid in pids):
+        if not any(pid is not None and pid_alive(pid) for pid in pids):
             return True
         time.sleep(poll)
     return False
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    # A finished child of this very process is a zombie until reaped: not a live worker.
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().split(") ")[-1][:1] != "Z"
-    except OSError:
-        return True
 
 
 class _LogReporter(NullReporter):

@@ -21,6 +21,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from _torchrun_driver import DRIVER
 
 SCORE_ARGS = ["--model", "toy", "--n-samples", "10", "--seq-len", "24", "--batch-size", "3"]
 METRICS = [
@@ -35,19 +36,6 @@ EVAL_ARGS = [
     "--limit", "11", "--batch-size", "3",
 ]  # fmt: skip
 
-DRIVER = """
-import json, sys
-import torch
-torch.set_num_threads(1)
-from cwa_cli.main import main
-for argv in json.loads(sys.argv[1]):
-    sys.argv = ["cwa", *argv]
-    try:
-        main()
-    except SystemExit as exc:
-        if exc.code:
-            raise
-"""
 
 
 def _commands(store: Path) -> list[list[str]]:

@@ -11,20 +11,7 @@ import sys
 from pathlib import Path
 
 import pytest
-
-DRIVER = """
-import json, sys
-import torch
-torch.set_num_threads(1)
-from cwa_cli.main import main
-for argv in json.loads(sys.argv[1]):
-    sys.argv = ["cwa", *argv]
-    try:
-        main()
-    except SystemExit as exc:
-        if exc.code:
-            raise
-"""
+from _torchrun_driver import DRIVER
 
 OPTIONS = ["--method", "scale", "--scale", "-2", "--controls", "random_k", "--seeds", "0,1",
            "--layers", "1", "--eval", "perplexity,hellaswag,lambada", "--limit", "7",

@@ -15,6 +15,7 @@ from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
 from cwa.errors import AmbiguousRunId, InvalidInput, RunNotFound
+from cwa.pids import pid_alive
 from cwa.store.store import Store
 
 if TYPE_CHECKING:
@@ -169,15 +170,7 @@ def mark_stale_runs(con: duckdb.DuckDBPyConnection) -> int:
 
 
 def _pid_alive(pid: int) -> bool:
-    if pid == os.getpid():
-        return True
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
+    return pid == os.getpid() or pid_alive(pid)
 
 
 def list_runs(
