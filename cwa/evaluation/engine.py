@@ -27,8 +27,9 @@ at most ``batch_size`` sequences; one forward pass per batch; continuation
 log-probabilities are gathered with tensor indexing (no per-token Python loop). When the model
 accepts ``logits_to_keep`` only the positions from the earliest continuation start onwards go
 through the LM head. Requests of a batch that share a context (the endings of a
-multiple-choice item) are scored from one copy of it: the context once, the endings from its KV
-cache (:mod:`cwa.evaluation.prefix_cache`; the same numbers up to float rounding).
+multiple-choice item) are scored from one copy of it: one row per context with its endings
+packed behind it under a block attention mask (:mod:`cwa.evaluation.prefix_cache`; the same
+numbers up to float rounding).
 """
 
 from __future__ import annotations
@@ -235,7 +236,7 @@ def score_requests(
     """Log-likelihood (float64) and is-greedy (bool) of every request, in request order.
 
     ``share_contexts``: a batch whose requests share a context (multiple choice) scores that
-    context once and the continuations from its KV cache (:mod:`cwa.evaluation.prefix_cache`)
+    context once with the continuations packed behind it (:mod:`cwa.evaluation.prefix_cache`)
     where the model supports it; False always feeds every ``context + continuation`` whole.
     """
     reporter = reporter or NULL_REPORTER
