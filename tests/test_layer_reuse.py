@@ -148,7 +148,7 @@ def test_replay_uses_the_shared_context_path_too() -> None:
     reuse = LayerReuse(model, arch, ReusePlan(2, "test"))
     with reuse.condition(["model.layers.2.mlp.up_proj.weight"]):
         score_requests(model, reqs, batch_size=8)
-    assert reuse.stats.captured_calls == 2  # one prefix pass, one ending pass
+    assert reuse.stats.captured_calls == 1  # one packed pass: the context, then the endings
     name = "model.layers.3.self_attn.k_proj.weight"
     with _Perturb(model, name):
         with reuse.condition([name]) as mode:
@@ -212,17 +212,24 @@ def test_a_call_that_does_not_match_its_capture_runs_the_real_layers() -> None:
 def test_a_mismatch_continuing_a_replayed_cache_raises() -> None:
     model = _llama()
     arch = build_architecture_map(model)
-    ctx = (5, 6, 7, 8, 9)
-    reqs = [TokenRequest(ctx, (i + 10, 3), 0) for i in range(4)]
+    from transformers import DynamicCache
+
+    ctx = torch.tensor([[5, 6, 7, 8, 9]])
+
+    def two_passes(ending: list[int]) -> None:  # a context, then an ending from its KV cache
+        cache = DynamicCache(config=model.config)
+        with torch.no_grad():
+            model(input_ids=ctx, past_key_values=cache, use_cache=True)
+            model(input_ids=torch.tensor([ending]), past_key_values=cache, use_cache=True)
+
     reuse = LayerReuse(model, arch, ReusePlan(2, "test"))
     with reuse.condition(["model.layers.3.mlp.up_proj.weight"]):
-        score_requests(model, reqs, batch_size=8)
-    # Same context (the prefix pass matches and is replayed), other endings: the ending pass
+        two_passes([10, 3])
+    # Same context (the first pass matches and is replayed), another ending: the second pass
     # reads a cache whose layers below 2 hold placeholders, so it must not run for real.
-    changed = [TokenRequest(ctx, (i + 20, 4), 0) for i in range(4)]
     with pytest.raises(LayerReuseMismatch, match="no-layer-reuse"):
         with reuse.condition(["model.layers.3.mlp.up_proj.weight"]):
-            score_requests(model, changed, batch_size=8)
+            two_passes([20, 4])
     _owner, layers = decoder_stack(model, arch)
     assert all(type(layer).__name__ != "_StandIn" for layer in layers)  # put back
 
