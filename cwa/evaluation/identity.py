@@ -28,8 +28,10 @@ from typing import Any
 #: Version of the evaluation engine. History: 1 = first release; 2 = BOS-prefixed perplexity
 #: windows for tokenizers that add BOS, whole-file perplexity unless the file is the
 #: calibration text, per-item records; 3 = multiple-choice contexts scored once and their
-#: endings from the KV cache (float-rounding-level differences from 2).
-EVAL_ENGINE_VERSION = "3"
+#: endings from the KV cache (float-rounding-level differences from 2); 4 = a batch's contexts
+#: and endings packed into one pass with a block mask, identical requests scored once
+#: (float-rounding-level differences from 3).
+EVAL_ENGINE_VERSION = "4"
 
 _PROBE = "Hello world. The quick brown fox"
 

@@ -20,11 +20,13 @@ the real layers (a *fallback*, counted), and a call that cannot fall back safely
 a KV cache that a replayed call filled) raises :class:`LayerReuseMismatch` rather than
 compute something wrong.
 
-The shared-context KV-cache path (:mod:`cwa.evaluation.prefix_cache`) works under replay: a
-skipped layer's stand-in appends a placeholder of the right length to its own cache layer
-(one element per position), so the cache length transformers derives from layer 0, the masks
-and the cache's batch selection are exactly as in a full forward; only layers >= L ever read
-their cache entries, and those are real.
+The shared-context path (:mod:`cwa.evaluation.prefix_cache`: a batch's contexts and endings
+packed into one pass with a 4-D mask) replays like any other call; the mask is part of the
+recorded identity. For callers that do continue a KV cache, a skipped layer's stand-in appends
+a placeholder of the right length to its own cache layer (one element per position), so the
+cache length transformers derives from layer 0, the masks and the cache's batch selection are
+exactly as in a full forward; only layers >= L ever read their cache entries, and those are
+real.
 
 States are kept on layer L's device (a device map's layer L). Their total size is bounded by a
 budget: a capture that would exceed it is dropped and the sweep evaluates every condition in
