@@ -16,11 +16,12 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 VOCAB = 60
 
 
-def _llama():
-    from transformers import LlamaConfig, LlamaForCausalLM
+def _gqa(kind: str, seed: int):
+    """A 2-layer GQA decoder (4 query / 2 key-value heads) of a Llama-layout family."""
+    import transformers
 
-    torch.manual_seed(5)
-    config = LlamaConfig(
+    torch.manual_seed(seed)
+    config = getattr(transformers, f"{kind}Config")(
         vocab_size=VOCAB,
         hidden_size=32,
         intermediate_size=64,
@@ -29,23 +30,15 @@ def _llama():
         num_key_value_heads=2,
         max_position_embeddings=64,
     )
-    return LlamaForCausalLM(config).eval()
+    return getattr(transformers, f"{kind}ForCausalLM")(config).eval()
+
+
+def _llama():
+    return _gqa("Llama", 5)
 
 
 def _qwen2():
-    from transformers import Qwen2Config, Qwen2ForCausalLM
-
-    torch.manual_seed(6)
-    config = Qwen2Config(
-        vocab_size=VOCAB,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=64,
-    )
-    return Qwen2ForCausalLM(config).eval()
+    return _gqa("Qwen2", 6)
 
 
 def _items() -> list[TokenRequest]:
