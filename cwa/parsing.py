@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from fractions import Fraction
+
 from cwa.errors import InvalidInput
 
 
@@ -57,3 +59,19 @@ def parse_seeds(text: str | None, default: int = 0) -> list[int]:
     """'0,1,2' or '0-4' -> seeds; None -> [default]."""
     seeds = parse_int_list(text, what="seed")
     return seeds if seeds else [default]
+
+
+def parse_percent(text: str) -> Fraction:
+    """``"50%"`` -> 50, exactly (the decimal text read as a fraction), checked to be in (0, 100].
+
+    The one reading of a percentage k (``--topk 50%``, ``--k-values 10%``); the caller checks
+    that the text ends with ``%``.
+    """
+    value = str(text).strip()
+    try:
+        percent = Fraction(value.removesuffix("%"))
+    except (ValueError, ZeroDivisionError) as exc:
+        raise InvalidInput(f"k {text!r} is not a percentage; write e.g. 10%") from exc
+    if not 0 < percent <= 100:
+        raise InvalidInput(f"k {text!r} must be a percentage in (0, 100], e.g. 10%")
+    return percent

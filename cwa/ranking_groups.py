@@ -40,6 +40,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from cwa.errors import InvalidInput
+from cwa.parsing import parse_percent
 
 if TYPE_CHECKING:
     from cwa.ranking_store import SelectionSummary
@@ -67,13 +68,7 @@ def percent_of(text: str | int) -> Fraction:
         return Fraction(100)
     if not value.endswith("%"):
         raise InvalidInput(f"k {text!r}: a per-group selection takes a fraction such as 10%")
-    try:
-        percent = Fraction(value[:-1])
-    except (ValueError, ZeroDivisionError) as exc:
-        raise InvalidInput(f"k {text!r} is not a percentage; write e.g. 50%") from exc
-    if not 0 < percent <= 100:
-        raise InvalidInput(f"k {text!r} must be a percentage in (0, 100]")
-    return percent
+    return parse_percent(value)
 
 
 def group_k(n_valid: np.ndarray | int, percent: Fraction) -> np.ndarray:

@@ -27,6 +27,7 @@ from typing import Any
 import numpy as np
 
 from cwa.errors import InvalidInput
+from cwa.parsing import parse_percent
 
 _BINS = 1 << 16
 _NAN_CODE = np.uint32(0xFFFFFFFF)
@@ -49,12 +50,7 @@ def check_k_text(value: int | str) -> int | str:
     if text == "all":
         return text
     if text.endswith("%"):
-        try:
-            percent = float(text[:-1])
-        except ValueError as exc:
-            raise InvalidInput(f"k {value!r} is not a percentage; write e.g. 10%") from exc
-        if not 0 < percent <= 100:
-            raise InvalidInput(f"k {value!r} must be a percentage in (0, 100], e.g. 10%")
+        parse_percent(text)
         return text
     raise InvalidInput(f"k {value!r} is not a number; give e.g. 1000, 10% or all")
 

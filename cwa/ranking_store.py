@@ -34,6 +34,7 @@ from typing import Any
 import numpy as np
 
 from cwa.errors import InvalidInput
+from cwa.parsing import parse_percent
 
 _BINS = 1 << 16
 FORMAT = "cwa-selection/1"
@@ -67,12 +68,7 @@ def parse_k(text: str | int, n_candidates: int) -> int:
         if value == "all":
             k = n_candidates
         elif value.endswith("%"):
-            try:
-                percent = float(value[:-1])
-            except ValueError as exc:
-                raise InvalidInput(f"k {text!r} is not a percentage; write e.g. 50%") from exc
-            if not 0 < percent <= 100:
-                raise InvalidInput(f"k {text!r} must be a percentage in (0, 100]")
+            percent = float(parse_percent(value))
             k = max(1, int(round(percent / 100.0 * n_candidates)))
         elif value.isdigit():
             k = int(value)

@@ -22,3 +22,16 @@ def test_names_floats_seeds() -> None:
     with pytest.raises(InvalidInput):
         parse_float_list("1,x")
     assert parse_seeds("0,1,2") == [0, 1, 2] and parse_seeds(None, 3) == [3]
+
+
+def test_parse_percent_reads_decimal_text_exactly_and_checks_the_range() -> None:
+    from fractions import Fraction
+
+    from cwa.parsing import parse_percent
+
+    assert parse_percent("50%") == 50
+    assert parse_percent(" 0.1% ") == Fraction(1, 10)  # exact, not the float 0.1
+    assert parse_percent("100%") == 100
+    for bad in ("0%", "-5%", "100.5%", "abc%", "%", "inf%"):
+        with pytest.raises(InvalidInput, match="percentage"):
+            parse_percent(bad)
