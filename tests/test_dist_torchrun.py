@@ -13,15 +13,11 @@ command, the run records world_size 2, one answer on stdout).
 
 from __future__ import annotations
 
-import json
-import os
-import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
-from _torchrun_driver import DRIVER
+from _store_access import store_rows
+from _torchrun_driver import launch
 
 SCORE_ARGS = ["--model", "toy", "--n-samples", "10", "--seq-len", "24", "--batch-size", "3"]
 METRICS = [
@@ -46,15 +42,13 @@ def _commands(store: Path) -> list[list[str]]:
 
 def _scores(store: Path) -> dict[str, dict[str, object]]:
     """metric -> {tensor name -> tensor} of every score run in the store."""
-    import duckdb
     from safetensors import safe_open
 
-    con = duckdb.connect(str(store / "cwa.duckdb"), read_only=True)
-    runs = con.execute(
+    runs = store_rows(
+        store,
         "SELECT run_id, json_extract_string(config, '$.metric') FROM runs "
-        "WHERE stage = 'score' ORDER BY run_id"
-    ).fetchall()
-    con.close()
+        "WHERE stage = 'score' ORDER BY run_id",
+    )
     out: dict[str, dict[str, object]] = {}
     for run_id, metric in runs:
         path = store / "artifacts" / run_id / "scores.safetensors"
@@ -63,49 +57,28 @@ def _scores(store: Path) -> dict[str, dict[str, object]]:
     return out
 
 
-def _table(store: Path, sql: str) -> list[tuple]:
-    import duckdb
-
-    con = duckdb.connect(str(store / "cwa.duckdb"), read_only=True)
-    try:
-        return con.execute(sql).fetchall()
-    finally:
-        con.close()
-
-
 @pytest.mark.slow
 def test_torchrun_two_ranks_equal_one_process(tmp_path: Path, cli, one_thread) -> None:
-    torchrun = shutil.which("torchrun") or str(Path(sys.executable).parent / "torchrun")
-    if not Path(torchrun).exists():
-        pytest.skip("torchrun is not installed next to this Python")
     single, multi = tmp_path / "single", tmp_path / "multi"
     for argv in _commands(single):
         result = cli(*argv)
         assert result.exit_code == 0, result.output
 
-    driver = tmp_path / "driver.py"
-    driver.write_text(DRIVER)
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "CWA_MLFLOW": "0"}
-    proc = subprocess.run(
-        [torchrun, "--standalone", "--nproc-per-node", "2", str(driver),
-         json.dumps(_commands(multi))],
-        env=env, capture_output=True, text=True, timeout=900,
-    )  # fmt: skip
-    assert proc.returncode == 0, proc.stderr[-4000:]
+    proc = launch(tmp_path, _commands(multi))
 
     # Rank 0 alone wrote: one run per command, each recording the world size.
-    runs = _table(multi, "SELECT stage, json_extract(config, '$.world_size') FROM runs")
+    runs = store_rows(multi, "SELECT stage, json_extract(config, '$.world_size') FROM runs")
     assert sorted(r[0] for r in runs) == ["evaluate", *["score"] * len(METRICS)]
     assert all(int(r[1]) == 2 for r in runs)
     assert all(
         r[0] is None
-        for r in _table(single, "SELECT json_extract(config, '$.world_size') FROM runs")
+        for r in store_rows(single, "SELECT json_extract(config, '$.world_size') FROM runs")
     )
     supers = "SELECT layer, row_index, column_index, input_activation FROM super_weights"
     supers += " ORDER BY ALL"
-    assert _table(single, supers) and _table(multi, supers) == _table(single, supers)
+    assert store_rows(single, supers) and store_rows(multi, supers) == store_rows(single, supers)
     # stdout carries each answer once (rank 1's stdout is silenced): every run id once.
-    run_ids = {r[0] for r in _table(multi, "SELECT run_id FROM runs")}
+    run_ids = {r[0] for r in store_rows(multi, "SELECT run_id FROM runs")}
     printed = [word for word in proc.stdout.split() if word in run_ids]
     assert sorted(printed) == sorted(run_ids)
 
@@ -126,14 +99,15 @@ def test_torchrun_two_ranks_equal_one_process(tmp_path: Path, cli, one_thread) -
     losses = (
         "SELECT name, value FROM run_metrics WHERE name LIKE 'calibration%' ORDER BY run_id, name"
     )
-    for (n1, v1), (n2, v2) in zip(_table(single, losses), _table(multi, losses), strict=True):
+    pairs = zip(store_rows(single, losses), store_rows(multi, losses), strict=True)
+    for (n1, v1), (n2, v2) in pairs:
         assert n1 == n2 and v2 == pytest.approx(v1, rel=1e-6)
 
     rows = "SELECT task, metric, value, stderr, n FROM evaluations ORDER BY task, metric"
-    assert _table(multi, rows) == _table(single, rows)
+    assert store_rows(multi, rows) == store_rows(single, rows)
     items = (
         "SELECT task, item_index, prediction, acc, acc_norm, choice_loglik, target_loglik, greedy"
         " FROM evaluation_items ORDER BY task, item_index"
     )
-    single_items = _table(single, items)
-    assert len(single_items) == 22 and _table(multi, items) == single_items
+    single_items = store_rows(single, items)
+    assert len(single_items) == 22 and store_rows(multi, items) == single_items

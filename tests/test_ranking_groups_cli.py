@@ -9,28 +9,20 @@ import json
 from fractions import Fraction
 from pathlib import Path
 
-import duckdb
 import numpy as np
 import pytest
 import torch
+from _store_access import store_rows
 
 from cwa.scorefile import open_scores
 
 
 def _runs(store_path: Path) -> list[tuple]:
-    con = duckdb.connect(str(store_path / "cwa.duckdb"), read_only=True)
-    try:
-        return con.execute("SELECT run_id, stage, status FROM runs ORDER BY run_id").fetchall()
-    finally:
-        con.close()
+    return store_rows(store_path, "SELECT run_id, stage, status FROM runs ORDER BY run_id")
 
 
 def _query(store_path: Path, sql: str, *params: object) -> list[tuple]:
-    con = duckdb.connect(str(store_path / "cwa.duckdb"), read_only=True)
-    try:
-        return con.execute(sql, list(params)).fetchall()
-    finally:
-        con.close()
+    return store_rows(store_path, sql, list(params))
 
 
 def _half_up(n: int, percent: Fraction) -> int:
