@@ -33,6 +33,7 @@ from cwa.stages.common import (
     is_toy_ref,
     stored_evaluation,
 )
+from cwa.stages.perturb_compact import check_compact, compact_plan
 from cwa.stages.perturb_options import (  # parse_heads, validate_config: re-exported
     CheckedOptions,
     parse_heads,
@@ -131,7 +132,7 @@ def prepare_perturb(
 
     compact = selection_artifact(store, rank_run)
     if compact is not None:
-        _check_compact(rank_run, config, options)
+        check_compact(rank_run, config, options)
     elif rank_run.config.get("bottom"):
         raise InvalidInput(
             f"rank run {rank_id} ranks the bottom weights; perturb a top-k ranking (the "
@@ -195,9 +196,10 @@ def prepare_perturb(
     for dtype in sorted({params[e.name].dtype for e in scope}, key=str):
         options.method.resolve_bit(config.bit, dtype)  # --bit outside the dtype: refused here
     if compact is not None:
+        key = ranking_key(rank_run, score_run)
         base = PerturbPlan(options, rank_run, score_run, loaded, scope, scope_record, {}, None,
-                           [], "", "global", "kv", plans, parents)  # fmt: skip
-        return _compact_plan(store, config, base)
+                           [], key, "global", "kv", plans, parents)  # fmt: skip
+        return compact_plan(store, config, base)
     ranking = rows_in_scope(ranked_rows(store, rank_id), scope)
     if ranking.height == 0:
         raise InvalidInput(
@@ -228,50 +230,6 @@ def prepare_perturb(
         plans=plans,
         parents=parents,
     )
-
-
-def _check_compact(rank_run: RunRecord, config: PerturbConfig, options: Any) -> None:
-    """A pruning-scale ranking is perturbed as stored: its whole scope, prefixes of its order."""
-    if config.layers or config.components or config.heads:
-        raise InvalidInput(
-            f"rank run {rank_run.run_id} is a pruning-scale ranking (--topk N%); perturb it "
-            "over its own scope (drop --layers/--components/--heads, or rank that scope)"
-        )
-    if rank_run.config.get("bottom") and any(c.name == "bottom_k" for c in options.controls):
-        raise InvalidInput(
-            f"rank run {rank_run.run_id} ranks the bottom weights: its treatment already is "
-            "the least important weights; drop bottom_k from --controls (use random_k)"
-        )
-
-
-def _compact_plan(store: Store, config: PerturbConfig, base: PerturbPlan) -> PerturbPlan:
-    """``base`` completed for a sweep over prefixes of a stored pruning-scale selection."""
-    from cwa.perturbation.groups import group_scopes
-    from cwa.ranking_prefix import CompactRanking, selection_artifact
-    from cwa.stages.score import SCORE_FILE
-
-    rank_run, score_run = base.rank_run, base.score_run
-    info = rank_run.config["selection"]
-    ranking = CompactRanking(
-        selection_artifact(store, rank_run),
-        store.artifacts_dir(score_run.run_id) / SCORE_FILE,
-    )
-    in_scope = {entry.name for entry in base.scope}
-    outside = [name for name in ranking.names() if name not in in_scope]
-    if outside:
-        raise InvalidInput(
-            f"rank run {rank_run.run_id} selected weights of {outside[0]!r}, outside the "
-            "perturbation scope; perturb it over the rank run's own scope"
-        )
-    k_values = ranking.resolve_k_values(  # per-group (--per tensor|row) fractions included
-        config.k_values, n_candidates=int(info["n_candidates"]), rank_id=rank_run.run_id
-    )
-    mode = ranking.control_mode or rank_run.config.get("mode", "global")
-    head_grouping = rank_run.config.get("head_grouping", "kv")
-    base.groups = group_scopes(base.loaded.arch, base.scope, mode, head_grouping)
-    base.ranking, base.k_values, base.key = ranking, k_values, ranking_key(rank_run, score_run)
-    base.mode, base.head_grouping = mode, head_grouping
-    return base
 
 
 def run_perturb(
